@@ -1,0 +1,14 @@
+//! Wire formats spoken by an umnet node.
+//!
+//! This crate parses and builds bytes and nothing else: it opens no socket, reads no clock and
+//! spawns no task, so every format can be tested from byte fixtures alone.
+//!
+//! - [`daemon`]: the control request of UML's daemon transport and of libvdeplug clients
+//!   (`vde_plug`, QEMU `-netdev vde`), and the `sockaddr_un` reply.
+//! - [`ethernet`]: MAC addresses and the fixed Ethernet header every switched frame starts with.
+//! - [`admin`]: the JSON-lines protocol between the `umnet` CLI and a running node.
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod daemon;
+pub mod ethernet;

@@ -1,0 +1,1 @@
+//! Harness for umnet integration tests.
