@@ -1,1 +1,170 @@
-fn main() {}
+//! `umnet`: the node daemon and its command-line client, in one binary.
+//!
+//! `umnet node` runs a node: a switch thread ([`switch`]) moving frames between ports, control
+//! tasks accepting UML and VDE clients ([`control`]), and the admin socket ([`admin`]). Every
+//! other subcommand is a client of a running node's admin socket ([`cli`]). Wire formats live
+//! in the `umnet-proto` crate; the system calls std does not offer are in [`sys`].
+//!
+//! Exit codes: 0 success, 1 failure, 2 bad command line, 3 no node running, 4 the node refused
+//! the request.
+
+mod admin;
+mod cli;
+mod config;
+mod control;
+mod node;
+mod rejects;
+mod switch;
+mod sys;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use umnet_proto::admin::NetworkId;
+
+/// A distributed overlay Ethernet switch for UML, VDE and QEMU guests and taps.
+#[derive(Debug, Parser)]
+#[command(name = "umnet", version, propagate_version = true)]
+struct Cli {
+    /// Run directory of the node (sockets); default /run/umnet for root, else
+    /// $XDG_RUNTIME_DIR/umnet.
+    #[arg(long, global = true, env = "UMNET_RUN_DIR", value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node in the foreground.
+    Node(NodeArgs),
+    /// Show the node's state and refusal counters.
+    Status,
+    /// Manage networks.
+    #[command(subcommand)]
+    Net(NetCommand),
+    /// Manage ports.
+    #[command(subcommand)]
+    Port(PortCommand),
+    /// Show learned MAC addresses.
+    Fdb {
+        /// Only this network.
+        #[arg(long)]
+        net: Option<NetworkId>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// TOML config file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory (persisted networks and tap ports); default /var/lib/umnet for root,
+    /// else $XDG_STATE_HOME/umnet.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum NetCommand {
+    /// List networks and where clients attach.
+    List,
+    /// Create a network.
+    Add {
+        /// Network number.
+        net: NetworkId,
+    },
+    /// Remove a network.
+    Rm {
+        /// Network number.
+        net: NetworkId,
+        /// Detach its ports too.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PortCommand {
+    /// List ports with their counters.
+    List,
+    /// Add a port.
+    #[command(subcommand)]
+    Add(AddPort),
+    /// Move a port to another network, live.
+    Set {
+        /// Port id, or a tap port's device name.
+        port: String,
+        /// Network to move it to.
+        #[arg(long)]
+        net: NetworkId,
+    },
+    /// Remove a port.
+    Rm {
+        /// Port id, or a tap port's device name.
+        port: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AddPort {
+    /// A tap device, created if it does not exist: the host joins the network.
+    Tap {
+        /// Device name.
+        name: String,
+        /// Network it joins.
+        #[arg(long, default_value_t = config::DEFAULT_NETWORK)]
+        net: NetworkId,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match cli.command {
+        Command::Node(args) => {
+            let options = node::Options {
+                config: args.config,
+                run_dir: cli.run_dir,
+                state_dir: args.state_dir,
+            };
+            match node::run(options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!("{error:#}");
+                    eprintln!("umnet: {error:#}");
+                    ExitCode::from(cli::EXIT_FAILURE)
+                }
+            }
+        }
+        command => {
+            let run_dir = cli.run_dir.unwrap_or_else(config::default_run_dir);
+            cli::run(&run_dir, cli.json, command)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

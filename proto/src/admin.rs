@@ -182,10 +182,8 @@ pub struct Network {
     pub macs: usize,
     /// Most MAC addresses it learns.
     pub mac_limit: usize,
-    /// Frames flooded because the MAC table was full.
+    /// Sources not learned because the MAC table was full.
     pub mac_limit_hits: u64,
-    /// Whether it survives a restart (made with the CLI or declared in the config).
-    pub persistent: bool,
     /// Where clients attach.
     pub attach: Attach,
 }

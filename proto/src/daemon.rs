@@ -356,10 +356,7 @@ mod tests {
         let request = Request::parse(&vde_fixture()).unwrap();
         assert_eq!(request.kind, RequestKind::NewControl);
         assert_eq!(request.requested_port, 5);
-        assert_eq!(
-            request.address.as_path_bytes(),
-            Some(&b"/run/umnet/net100/.01234-00000"[..])
-        );
+        assert_eq!(request.address.as_path_bytes(), Some(&b"/run/umnet/net100/.01234-00000"[..]));
         assert_eq!(request.description, "vde_plug: user=root PID=1234");
     }
 

@@ -153,9 +153,8 @@ mod tests {
     ];
 
     /// A tagged frame on VLAN 42 carrying IPv4.
-    const TAGGED: [u8; 18] = [
-        0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x81, 0x00, 0x20, 0x2a, 0x08, 0x00,
-    ];
+    const TAGGED: [u8; 18] =
+        [0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x81, 0x00, 0x20, 0x2a, 0x08, 0x00];
 
     #[test]
     fn parses_broadcast_arp() {

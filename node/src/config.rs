@@ -1,0 +1,291 @@
+//! Where a node keeps its files, what its config file may say, and the state it persists.
+//!
+//! Three sources, in order: embedded defaults, an optional TOML config file, and the state
+//! directory, which holds what was made with the CLI (networks, tap ports) so it survives a
+//! restart. Command-line flags override directories.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use umnet_proto::admin::NetworkId;
+use umnet_proto::ethernet::{HEADER_LEN, MAX_TAGGED_FRAME};
+
+use crate::switch::SwitchConfig;
+
+/// The network a node serves when nothing says otherwise, as UM-Eth-Net did.
+pub(crate) const DEFAULT_NETWORK: NetworkId = 100;
+
+/// Name of the state file inside the state directory.
+const STATE_FILE: &str = "state.toml";
+
+/// The config file. Every field is optional; unknown fields are errors, so a typo is reported
+/// rather than ignored.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    /// Directory for sockets; `--run-dir` overrides.
+    pub(crate) run_dir: Option<PathBuf>,
+    /// Directory for persisted state; `--state-dir` overrides.
+    pub(crate) state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub(crate) switch: SwitchSection,
+    /// Networks to serve.
+    #[serde(default, rename = "network")]
+    pub(crate) networks: Vec<NetworkSection>,
+    /// Tap ports to attach.
+    #[serde(default, rename = "tap")]
+    pub(crate) taps: Vec<TapSection>,
+}
+
+/// `[switch]`: limits and timers.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct SwitchSection {
+    /// Seconds a learned address is kept without traffic.
+    pub(crate) mac_aging_secs: u64,
+    /// Most addresses learned per network.
+    pub(crate) mac_limit: usize,
+    /// Longest frame switched, header and tags included.
+    pub(crate) max_frame: usize,
+    /// Frames queued per port for a slow client.
+    pub(crate) port_queue: usize,
+    /// Most ports a node serves at once.
+    pub(crate) max_ports: usize,
+    /// Permissions of the client sockets (`ctl`, `bess`), octal as a string.
+    pub(crate) socket_mode: String,
+}
+
+impl Default for SwitchSection {
+    fn default() -> Self {
+        SwitchSection {
+            mac_aging_secs: 300,
+            mac_limit: 4096,
+            max_frame: MAX_TAGGED_FRAME,
+            port_queue: 256,
+            max_ports: 1024,
+            socket_mode: "0660".into(),
+        }
+    }
+}
+
+/// `[[network]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NetworkSection {
+    pub(crate) id: NetworkId,
+}
+
+/// `[[tap]]`, in the config file and in the state file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TapSection {
+    pub(crate) name: String,
+    pub(crate) net: NetworkId,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub(crate) fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("config file {} is not valid", path.display()))?;
+        config.check().with_context(|| format!("config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let s = &self.switch;
+        if s.max_frame < HEADER_LEN + 46 || s.max_frame > 65_535 {
+            bail!("switch.max_frame must be between 60 and 65535 bytes, not {}", s.max_frame);
+        }
+        if s.mac_limit == 0 {
+            bail!("switch.mac_limit must be at least 1");
+        }
+        if s.mac_aging_secs == 0 {
+            bail!("switch.mac_aging_secs must be at least 1");
+        }
+        if s.port_queue == 0 || s.port_queue > 65_536 {
+            bail!("switch.port_queue must be between 1 and 65536, not {}", s.port_queue);
+        }
+        if s.max_ports == 0 {
+            bail!("switch.max_ports must be at least 1");
+        }
+        self.socket_mode()?;
+        for tap in &self.taps {
+            if !self.networks.iter().any(|n| n.id == tap.net) {
+                bail!("tap {} is on network {}, which no [[network]] declares", tap.name, tap.net);
+            }
+        }
+        Ok(())
+    }
+
+    /// The client socket mode as a number.
+    pub(crate) fn socket_mode(&self) -> anyhow::Result<u32> {
+        let text = self.switch.socket_mode.trim_start_matches("0o");
+        match u32::from_str_radix(text, 8) {
+            Ok(mode) if mode <= 0o777 => Ok(mode),
+            _ => bail!("switch.socket_mode must be an octal mode such as \"0660\", not {text:?}"),
+        }
+    }
+
+    /// The switch thread's settings.
+    pub(crate) fn switch_config(&self) -> SwitchConfig {
+        SwitchConfig {
+            aging: Duration::from_secs(self.switch.mac_aging_secs),
+            mac_limit: self.switch.mac_limit,
+            max_frame: self.switch.max_frame,
+            queue_len: self.switch.port_queue,
+            max_ports: self.switch.max_ports,
+        }
+    }
+}
+
+/// What a node made at run time and must restore.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct State {
+    #[serde(default)]
+    pub(crate) networks: BTreeSet<NetworkId>,
+    #[serde(default, rename = "tap")]
+    pub(crate) taps: Vec<TapSection>,
+}
+
+impl State {
+    /// Reads the state of `dir`; `None` when the node never saved any there.
+    pub(crate) fn load(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let path = dir.join(STATE_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => {
+                return Err(error).with_context(|| format!("cannot read {}", path.display()))
+            }
+        };
+        let state = toml::from_str(&text).with_context(|| {
+            format!("state file {} is damaged; move it aside to start afresh", path.display())
+        })?;
+        Ok(Some(state))
+    }
+
+    /// Writes the state of `dir` atomically: a reader sees the old file or the new one, even
+    /// if the node dies while writing.
+    pub(crate) fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join(STATE_FILE);
+        let temporary = dir.join(format!(".{STATE_FILE}.tmp"));
+        let text = toml::to_string(self).context("cannot encode state")?;
+        let write = || -> std::io::Result<()> {
+            let mut file = fs::File::create(&temporary)?;
+            file.write_all(b"# Written by umnet: networks and tap ports made with the CLI.\n")?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            fs::rename(&temporary, &path)?;
+            fs::File::open(dir)?.sync_all()
+        };
+        write().with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// The default run directory: `/run/umnet` for root, `$XDG_RUNTIME_DIR/umnet` otherwise.
+pub(crate) fn default_run_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/run/umnet");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("umnet"),
+        _ => std::env::temp_dir().join(format!("umnet-{}", nix::unistd::geteuid())),
+    }
+}
+
+/// The default state directory: `/var/lib/umnet` for root, `$XDG_STATE_HOME/umnet` (or
+/// `~/.local/state/umnet`) otherwise.
+pub(crate) fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/umnet");
+    }
+    match (std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME")) {
+        (Some(dir), _) if !dir.is_empty() => PathBuf::from(dir).join("umnet"),
+        (_, Some(home)) => PathBuf::from(home).join(".local/state/umnet"),
+        _ => std::env::temp_dir().join(format!("umnet-state-{}", nix::unistd::geteuid())),
+    }
+}
+
+/// Where the clients of network `net` attach, under the run directory.
+pub(crate) fn network_dir(run_dir: &Path, net: NetworkId) -> PathBuf {
+    run_dir.join(format!("net{net}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_defaults() {
+        let config: Config = toml::from_str("").unwrap();
+        config.check().unwrap();
+        assert_eq!(config.switch.mac_aging_secs, 300);
+        assert_eq!(config.switch.max_frame, 1518);
+        assert_eq!(config.socket_mode().unwrap(), 0o660);
+        assert!(config.networks.is_empty());
+    }
+
+    #[test]
+    fn full_config() {
+        let text = r#"
+            run_dir = "/tmp/r"
+            [switch]
+            mac_aging_secs = 60
+            mac_limit = 10
+            socket_mode = "0666"
+            [[network]]
+            id = 100
+            [[network]]
+            id = 101
+            [[tap]]
+            name = "tap0"
+            net = 101
+        "#;
+        let config: Config = toml::from_str(text).unwrap();
+        config.check().unwrap();
+        assert_eq!(config.networks.len(), 2);
+        assert_eq!(config.taps[0], TapSection { name: "tap0".into(), net: 101 });
+        assert_eq!(config.switch_config().aging, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_reasons() {
+        assert!(toml::from_str::<Config>("[switch]\nmac_agin_secs = 1").is_err(), "typo");
+        let bad = [
+            ("[switch]\nmax_frame = 10", "max_frame"),
+            ("[switch]\nmac_limit = 0", "mac_limit"),
+            ("[switch]\nsocket_mode = \"rw\"", "socket_mode"),
+            ("[[tap]]\nname = \"t\"\nnet = 5", "no [[network]]"),
+        ];
+        for (text, expected) in bad {
+            let config: Config = toml::from_str(text).unwrap();
+            let error = config.check().unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn state_round_trips_atomically() {
+        let dir = std::env::temp_dir().join(format!("umnet-state-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        assert_eq!(State::load(&dir).unwrap(), None);
+        let state = State {
+            networks: [100, 101].into(),
+            taps: vec![TapSection { name: "tap0".into(), net: 100 }],
+        };
+        state.save(&dir).unwrap();
+        assert_eq!(State::load(&dir).unwrap(), Some(state));
+        fs::write(dir.join(STATE_FILE), "networks = 7").unwrap();
+        assert!(State::load(&dir).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,554 @@
+//! A running node: its directories, networks and tap ports, and the tasks that serve them.
+//!
+//! [`run`] starts the switch thread, opens each network's client sockets, restores tap ports,
+//! serves the admin socket and waits for SIGINT or SIGTERM. [`Node`] holds what the control
+//! tasks share; every change to networks and tap ports goes through it, and is persisted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use tokio::sync::oneshot;
+use umnet_proto::admin::{self, Attach, ErrorKind, NetworkId, PortKind, Reply, Request};
+
+use crate::config::{self, Config, State, TapSection, DEFAULT_NETWORK};
+use crate::rejects::RejectCounters;
+use crate::switch::{self, Command, NewPort, PortId};
+use crate::{control, sys};
+
+/// Where a node's directories and config come from.
+#[derive(Debug, Default)]
+pub(crate) struct Options {
+    pub(crate) config: Option<PathBuf>,
+    pub(crate) run_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
+}
+
+/// Name of the lock file that marks a run directory as in use by a live node.
+const LOCK_NAME: &str = "node.lock";
+
+/// What the control tasks share.
+#[derive(Debug)]
+pub(crate) struct Node {
+    pub(crate) run_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) switch: switch::Handle,
+    pub(crate) rejects: Arc<RejectCounters>,
+    pub(crate) socket_mode: u32,
+    pub(crate) started: Instant,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Served networks and the task accepting their control connections.
+    networks: BTreeMap<NetworkId, tokio::task::AbortHandle>,
+    /// What is persisted.
+    state: State,
+    /// Tap ports by device name.
+    taps: BTreeMap<String, PortId>,
+    /// Control connections of daemon and libvdeplug ports: dropping the sender closes it.
+    control_connections: HashMap<PortId, oneshot::Sender<()>>,
+}
+
+/// Runs a node until SIGINT or SIGTERM.
+pub(crate) fn run(options: Options) -> anyhow::Result<()> {
+    let config = match &options.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let run_dir =
+        options.run_dir.or_else(|| config.run_dir.clone()).unwrap_or_else(config::default_run_dir);
+    let state_dir = options
+        .state_dir
+        .or_else(|| config.state_dir.clone())
+        .unwrap_or_else(config::default_state_dir);
+    let socket_mode = config.socket_mode()?;
+
+    create_dir(&run_dir, 0o755)?;
+    create_dir(&state_dir, 0o700)?;
+    let lock = lock_run_dir(&run_dir)?;
+    let state = initial_state(&config, &state_dir)?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(serve(config, state, run_dir.clone(), state_dir, socket_mode));
+    let _ = fs::remove_file(run_dir.join(LOCK_NAME));
+    drop(lock);
+    result
+}
+
+async fn serve(
+    config: Config,
+    state: State,
+    run_dir: PathBuf,
+    state_dir: PathBuf,
+    socket_mode: u32,
+) -> anyhow::Result<()> {
+    let rejects = Arc::new(RejectCounters::default());
+    let (switch, switch_thread) = switch::spawn(config.switch_config(), rejects.clone())
+        .context("cannot start the switch thread")?;
+    let node = Arc::new(Node {
+        run_dir: run_dir.clone(),
+        state_dir,
+        switch,
+        rejects,
+        socket_mode,
+        started: Instant::now(),
+        inner: Mutex::new(Inner { state: state.clone(), ..Inner::default() }),
+    });
+
+    // Networks from the config file and the state directory.
+    let mut networks: Vec<NetworkId> = config.networks.iter().map(|n| n.id).collect();
+    networks.extend(state.networks.iter().copied());
+    networks.sort_unstable();
+    networks.dedup();
+    for &net in &networks {
+        node.open_network(net).with_context(|| format!("cannot serve network {net}"))?;
+    }
+
+    // Tap ports: a tap that cannot be restored is reported, and the rest of the node runs.
+    let mut taps = config.taps.clone();
+    for tap in &state.taps {
+        if !taps.iter().any(|t| t.name == tap.name) {
+            taps.push(tap.clone());
+        }
+    }
+    for tap in taps {
+        if let Err(error) = node.open_tap(&tap.name, tap.net) {
+            tracing::error!(tap = %tap.name, net = tap.net, %error, "cannot restore tap port");
+        }
+    }
+
+    let admin_path = run_dir.join(admin::SOCKET_NAME);
+    remove_stale(&admin_path)?;
+    let admin = tokio::net::UnixListener::bind(&admin_path)
+        .with_context(|| format!("cannot listen on {}", admin_path.display()))?;
+    fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", admin_path.display()))?;
+
+    print_attach_help(&run_dir, &networks);
+    tracing::info!(
+        run_dir = %run_dir.display(),
+        state_dir = %node.state_dir.display(),
+        networks = networks.len(),
+        "node started"
+    );
+    let admin_task = tokio::spawn(crate::admin::serve(node.clone(), admin));
+
+    wait_for_signal().await?;
+    tracing::info!("stopping");
+    admin_task.abort();
+    node.switch.send(Command::Shutdown);
+    if switch_thread.join().is_err() {
+        tracing::error!("the switch thread panicked");
+    }
+    node.close_all();
+    let _ = fs::remove_file(&admin_path);
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+/// Networks and taps from the state directory, or the embedded default network when this
+/// node never saved state and its config declares no network.
+fn initial_state(config: &Config, state_dir: &Path) -> anyhow::Result<State> {
+    if let Some(state) = State::load(state_dir)? {
+        return Ok(state);
+    }
+    let mut state = State::default();
+    if config.networks.is_empty() {
+        state.networks.insert(DEFAULT_NETWORK);
+    }
+    Ok(state)
+}
+
+fn create_dir(dir: &Path, mode: u32) -> anyhow::Result<()> {
+    if !dir.exists() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set permissions of {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Takes the run directory's lock, held until the node exits (the kernel drops it even if
+/// the node is killed), so a second node cannot take over a live node's sockets while stale
+/// sockets of a dead one are replaced.
+fn lock_run_dir(run_dir: &Path) -> anyhow::Result<fs::File> {
+    use std::io::Write;
+    let path = run_dir.join(LOCK_NAME);
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let locked = sys::try_lock(&file).with_context(|| format!("cannot lock {}", path.display()))?;
+    if !locked {
+        let pid = fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "another umnet node (pid {}) is running with run directory {}; stop it, or give \
+             this node its own --run-dir",
+            pid.trim(),
+            run_dir.display()
+        );
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+fn remove_stale(path: &Path) -> anyhow::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            tracing::debug!(path = %path.display(), "removed a stale socket");
+            Ok(())
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error).with_context(|| format!("cannot remove {}", path.display())),
+    }
+}
+
+/// Attach paths of network `net`.
+pub(crate) fn attach(run_dir: &Path, net: NetworkId) -> Attach {
+    let dir = config::network_dir(run_dir, net);
+    Attach {
+        vde_dir: dir.display().to_string(),
+        ctl: dir.join("ctl").display().to_string(),
+        bess: dir.join("bess").display().to_string(),
+    }
+}
+
+/// The exact strings each kind of client uses to attach to `net`.
+pub(crate) fn attach_help(run_dir: &Path, net: NetworkId) -> String {
+    let a = attach(run_dir, net);
+    format!(
+        "network {net}\n  \
+         UML daemon transport   eth0=daemon,,unix,{ctl}\n  \
+         UML vde transport      eth0=vde,{dir}\n  \
+         UML vector (BESS)      vec0:transport=bess,dst={bess}\n  \
+         vde_plug               vde_plug {dir}\n  \
+         QEMU                   -netdev vde,id=n{net},sock={dir} -device virtio-net,netdev=n{net}\n",
+        ctl = a.ctl,
+        dir = a.vde_dir,
+        bess = a.bess,
+    )
+}
+
+fn print_attach_help(run_dir: &Path, networks: &[NetworkId]) {
+    let mut text = String::new();
+    for &net in networks {
+        text.push_str(&attach_help(run_dir, net));
+    }
+    print!("{text}");
+}
+
+fn refused(kind: ErrorKind, message: impl Into<String>) -> admin::Error {
+    admin::Error::new(kind, message)
+}
+
+impl Node {
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves data that is still consistent enough to
+        // report and shut down with.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Carries out one admin request.
+    pub(crate) async fn handle(self: &Arc<Self>, request: Request) -> Result<Reply, admin::Error> {
+        match request {
+            Request::Status => self.status().await,
+            Request::NetList => Ok(Reply::Networks(self.networks(None).await?)),
+            Request::NetAdd { net } => {
+                self.add_network(net)?;
+                Ok(Reply::Networks(self.networks(Some(net)).await?))
+            }
+            Request::NetRm { net, force } => {
+                self.remove_network(net, force).await?;
+                Ok(Reply::Done)
+            }
+            Request::PortList => {
+                Ok(Reply::Ports(self.switch.ask(|reply| Command::Ports { reply }).await?))
+            }
+            Request::PortAddTap { name, net } => {
+                let port = self.add_tap(&name, net)?;
+                Ok(Reply::Ports(vec![port]))
+            }
+            Request::PortSet { port, net } => {
+                let id = self.resolve_port(&port)?;
+                let port = self.switch.ask(|reply| Command::SetNetwork { port: id, net, reply });
+                let port = port.await??;
+                self.moved_port(&port)?;
+                Ok(Reply::Ports(vec![port]))
+            }
+            Request::PortRm { port } => {
+                let id = self.resolve_port(&port)?;
+                let reply =
+                    self.switch.ask(|reply| Command::RemovePort { port: id, reply: Some(reply) });
+                let port = reply.await??;
+                self.forget_ports(&[port.id])?;
+                Ok(Reply::Done)
+            }
+            Request::Fdb { net } => {
+                Ok(Reply::Fdb(self.switch.ask(|reply| Command::Fdb { net, reply }).await??))
+            }
+        }
+    }
+
+    async fn status(&self) -> Result<Reply, admin::Error> {
+        let networks = self.switch.ask(|reply| Command::Networks { reply }).await?;
+        Ok(Reply::Status(admin::Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            run_dir: self.run_dir.display().to_string(),
+            state_dir: self.state_dir.display().to_string(),
+            networks: networks.len(),
+            ports: networks.iter().map(|n| n.ports).sum(),
+            rejects: self.rejects.snapshot(),
+        }))
+    }
+
+    async fn networks(&self, only: Option<NetworkId>) -> Result<Vec<admin::Network>, admin::Error> {
+        let summaries = self.switch.ask(|reply| Command::Networks { reply }).await?;
+        Ok(summaries
+            .into_iter()
+            .filter(|s| only.is_none_or(|net| net == s.id))
+            .map(|s| admin::Network {
+                id: s.id,
+                ports: s.ports,
+                macs: s.macs,
+                mac_limit: s.mac_limit,
+                mac_limit_hits: s.mac_limit_hits,
+                attach: attach(&self.run_dir, s.id),
+            })
+            .collect())
+    }
+
+    /// Opens network `net`'s directory and sockets and hands it to the switch thread.
+    fn open_network(self: &Arc<Self>, net: NetworkId) -> anyhow::Result<()> {
+        let dir = config::network_dir(&self.run_dir, net);
+        create_dir(&dir, 0o755)?;
+        let ctl_path = dir.join("ctl");
+        let bess_path = dir.join("bess");
+        remove_stale(&ctl_path)?;
+        remove_stale(&bess_path)?;
+
+        let ctl = std::os::unix::net::UnixListener::bind(&ctl_path)
+            .with_context(|| format!("cannot listen on {}", ctl_path.display()))?;
+        ctl.set_nonblocking(true)?;
+        let ctl = tokio::net::UnixListener::from_std(ctl)?;
+        let bess = sys::seqpacket_listener(&bess_path)
+            .with_context(|| format!("cannot listen on {}", bess_path.display()))?;
+        for path in [&ctl_path, &bess_path] {
+            fs::set_permissions(path, fs::Permissions::from_mode(self.socket_mode))
+                .with_context(|| format!("cannot set permissions of {}", path.display()))?;
+        }
+
+        self.switch.send(Command::AddNetwork { net, bess });
+        let task = tokio::spawn(control::serve(self.clone(), net, ctl));
+        self.inner().networks.insert(net, task.abort_handle());
+        tracing::info!(net, dir = %dir.display(), "network served");
+        Ok(())
+    }
+
+    fn add_network(self: &Arc<Self>, net: NetworkId) -> Result<(), admin::Error> {
+        if self.inner().networks.contains_key(&net) {
+            return Err(refused(ErrorKind::Exists, format!("network {net} exists already")));
+        }
+        self.open_network(net).map_err(|e| refused(ErrorKind::Internal, format!("{e:#}")))?;
+        self.update_state(|state| {
+            state.networks.insert(net);
+        })
+    }
+
+    async fn remove_network(&self, net: NetworkId, force: bool) -> Result<(), admin::Error> {
+        if !self.inner().networks.contains_key(&net) {
+            return Err(refused(ErrorKind::NotFound, format!("no network {net}")));
+        }
+        let ports = self.switch.ask(|reply| Command::RemoveNetwork { net, force, reply }).await??;
+        self.forget_ports(&ports)?;
+        if let Some(task) = self.inner().networks.remove(&net) {
+            task.abort();
+        }
+        close_network_dir(&self.run_dir, net);
+        tracing::info!(net, ports = ports.len(), "network removed");
+        self.update_state(|state| {
+            state.networks.remove(&net);
+            state.taps.retain(|tap| tap.net != net);
+        })
+    }
+
+    /// Opens tap `name` and attaches it to `net`.
+    fn open_tap(&self, name: &str, net: NetworkId) -> Result<admin::Port, admin::Error> {
+        if !self.inner().networks.contains_key(&net) {
+            return Err(refused(ErrorKind::NotFound, format!("no network {net}")));
+        }
+        if self.inner().taps.contains_key(name) {
+            return Err(refused(ErrorKind::Exists, format!("tap {name} is a port already")));
+        }
+        let existed = sys::interface_exists(name);
+        let fd = sys::open_tap(name).map_err(|error| tap_error(name, &error))?;
+        if let Err(error) = sys::set_link_up(name) {
+            return Err(tap_error(name, &error));
+        }
+        let id = self.switch.next_port_id();
+        let client = if existed { name.to_string() } else { format!("{name} (created)") };
+        let port = admin::Port {
+            id,
+            kind: PortKind::Tap,
+            net,
+            client: client.clone(),
+            pid: None,
+            counters: Default::default(),
+        };
+        self.switch.send(Command::AddPort(NewPort {
+            id,
+            kind: PortKind::Tap,
+            net,
+            client,
+            pid: None,
+            fd,
+        }));
+        self.inner().taps.insert(name.to_string(), id);
+        Ok(port)
+    }
+
+    fn add_tap(&self, name: &str, net: NetworkId) -> Result<admin::Port, admin::Error> {
+        let port = self.open_tap(name, net)?;
+        self.update_state(|state| {
+            state.taps.retain(|tap| tap.name != name);
+            state.taps.push(TapSection { name: name.to_string(), net });
+        })?;
+        Ok(port)
+    }
+
+    /// A port id, or the device name of a tap port.
+    fn resolve_port(&self, port: &str) -> Result<PortId, admin::Error> {
+        if let Some(&id) = self.inner().taps.get(port) {
+            return Ok(id);
+        }
+        port.parse().map_err(|_| {
+            refused(ErrorKind::NotFound, format!("no port {port:?} (give a port id or a tap name)"))
+        })
+    }
+
+    /// Records a tap port's new network.
+    fn moved_port(&self, port: &admin::Port) -> Result<(), admin::Error> {
+        let name = self.inner().taps.iter().find(|(_, &id)| id == port.id).map(|(n, _)| n.clone());
+        match name {
+            Some(name) => self.update_state(|state| {
+                for tap in state.taps.iter_mut().filter(|tap| tap.name == name) {
+                    tap.net = port.net;
+                }
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes what the control side holds for ports the switch thread removed: their control
+    /// connections, and their taps in the persisted state.
+    fn forget_ports(&self, ports: &[PortId]) -> Result<(), admin::Error> {
+        let mut names = Vec::new();
+        {
+            let mut inner = self.inner();
+            for id in ports {
+                inner.control_connections.remove(id);
+                let name = inner.taps.iter().find(|(_, &tap)| tap == *id).map(|(n, _)| n.clone());
+                if let Some(name) = name {
+                    inner.taps.remove(&name);
+                    names.push(name);
+                }
+            }
+        }
+        if names.is_empty() {
+            return Ok(());
+        }
+        self.update_state(|state| state.taps.retain(|tap| !names.contains(&tap.name)))
+    }
+
+    /// Registers the control connection of a daemon or libvdeplug port; the returned receiver
+    /// fires when the port is removed from the node's side.
+    pub(crate) fn control_connection(&self, id: PortId) -> oneshot::Receiver<()> {
+        let (close, closed) = oneshot::channel();
+        self.inner().control_connections.insert(id, close);
+        closed
+    }
+
+    /// Forgets a control connection the client closed.
+    pub(crate) fn control_closed(&self, id: PortId) {
+        self.inner().control_connections.remove(&id);
+    }
+
+    fn update_state(&self, change: impl FnOnce(&mut State)) -> Result<(), admin::Error> {
+        let state = {
+            let mut inner = self.inner();
+            change(&mut inner.state);
+            inner.state.clone()
+        };
+        state.save(&self.state_dir).map_err(|error| {
+            tracing::error!(error = %format!("{error:#}"), "cannot persist state");
+            refused(ErrorKind::Internal, format!("done, but not persisted: {error:#}"))
+        })
+    }
+
+    /// Removes every network's sockets, at shutdown.
+    fn close_all(&self) {
+        let mut inner = self.inner();
+        inner.control_connections.clear();
+        for (net, task) in std::mem::take(&mut inner.networks) {
+            task.abort();
+            close_network_dir(&self.run_dir, net);
+        }
+    }
+}
+
+fn close_network_dir(run_dir: &Path, net: NetworkId) {
+    let dir = config::network_dir(run_dir, net);
+    for name in ["ctl", "bess"] {
+        let _ = fs::remove_file(dir.join(name));
+    }
+    // Left in place if clients keep files of their own there.
+    let _ = fs::remove_dir(&dir);
+}
+
+fn tap_error(name: &str, error: &io::Error) -> admin::Error {
+    match error.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => refused(
+            ErrorKind::Permission,
+            format!(
+                "cannot open tap {name}: {error}; creating a tap needs CAP_NET_ADMIN (run the \
+                 node as root or give it the capability), or pre-create a persistent tap owned \
+                 by the node's user: ip tuntap add dev {name} mode tap user USER"
+            ),
+        ),
+        Some(libc::EBUSY) | Some(libc::EINVAL) => refused(
+            ErrorKind::Invalid,
+            format!("cannot attach to {name}: {error}; is it a tap device, and not in use?"),
+        ),
+        Some(libc::ENOENT) | Some(libc::ENODEV) => refused(
+            ErrorKind::Invalid,
+            format!("cannot open tap {name}: {error}; is /dev/net/tun present (modprobe tun)?"),
+        ),
+        _ => refused(ErrorKind::Internal, format!("cannot open tap {name}: {error}")),
+    }
+}

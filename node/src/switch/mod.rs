@@ -1,0 +1,700 @@
+//! The switch thread: every frame a node switches passes through here.
+//!
+//! One thread owns every port descriptor and every network's bridge, and waits on them with
+//! epoll (through mio). Frames are read in batches, learned, and sent to their port or flooded
+//! to their network, all without locks or allocation on the common path. The rest of the node
+//! (async tasks: control handshakes, admin requests) talks to the thread with [`Command`]s
+//! through a [`Handle`] and gets answers on oneshot channels.
+//!
+//! The thread accepts BESS connections itself, since each is a port from its first packet.
+//! Daemon and libvdeplug clients are handshaken by the control tasks, which pass the finished
+//! data socket in.
+
+mod bridge;
+mod port;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use tokio::sync::oneshot;
+use umnet_proto::admin::{self, ErrorKind, FdbEntry, NetworkId, PortKind};
+use umnet_proto::ethernet::{Header, HEADER_LEN};
+
+use self::bridge::{Bridge, Decision, Learned};
+use self::port::{Io, Port};
+use crate::rejects::RejectCounters;
+use crate::sys::{self, RecvBatch};
+
+/// A port's id, unique for the life of the node.
+pub(crate) type PortId = u32;
+
+const WAKER: Token = Token(usize::MAX);
+
+/// Listener tokens sit above every port id.
+const LISTENER_BASE: usize = 1 << 40;
+
+/// Datagrams taken per `recvmmsg`.
+const BATCH: usize = 32;
+
+/// Batches read from one port before others get their turn.
+const BATCHES_PER_TURN: usize = 4;
+
+/// How often stale addresses are swept out of the bridges.
+const AGE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A device read buffer large enough that no frame a tap hands up is cut, so an oversize
+/// frame is seen and counted as such.
+const DEVICE_BUFFER: usize = 65_536;
+
+/// At most one warning per this interval for each repeated condition.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Limits and timers of the switch.
+#[derive(Clone, Debug)]
+pub(crate) struct SwitchConfig {
+    /// How long an address is remembered without traffic.
+    pub(crate) aging: Duration,
+    /// Most addresses learned per network.
+    pub(crate) mac_limit: usize,
+    /// Longest frame switched, Ethernet header and tags included.
+    pub(crate) max_frame: usize,
+    /// Frames queued per port for a client that is slow to read.
+    pub(crate) queue_len: usize,
+    /// Most ports served at once.
+    pub(crate) max_ports: usize,
+}
+
+/// A port handed to the switch thread.
+#[derive(Debug)]
+pub(crate) struct NewPort {
+    pub(crate) id: PortId,
+    pub(crate) kind: PortKind,
+    pub(crate) net: NetworkId,
+    pub(crate) client: String,
+    pub(crate) pid: Option<u32>,
+    pub(crate) fd: OwnedFd,
+}
+
+/// One network's switching state, as the admin interface reports it.
+#[derive(Clone, Debug)]
+pub(crate) struct NetworkSummary {
+    pub(crate) id: NetworkId,
+    pub(crate) ports: usize,
+    pub(crate) macs: usize,
+    pub(crate) mac_limit: usize,
+    pub(crate) mac_limit_hits: u64,
+}
+
+type Reply<T> = oneshot::Sender<T>;
+type AdminResult<T> = Result<T, admin::Error>;
+
+/// What the rest of the node asks of the switch thread.
+#[derive(Debug)]
+pub(crate) enum Command {
+    AddNetwork { net: NetworkId, bess: OwnedFd },
+    RemoveNetwork { net: NetworkId, force: bool, reply: Reply<AdminResult<Vec<PortId>>> },
+    AddPort(NewPort),
+    RemovePort { port: PortId, reply: Option<Reply<AdminResult<admin::Port>>> },
+    SetNetwork { port: PortId, net: NetworkId, reply: Reply<AdminResult<admin::Port>> },
+    Ports { reply: Reply<Vec<admin::Port>> },
+    Networks { reply: Reply<Vec<NetworkSummary>> },
+    Fdb { net: Option<NetworkId>, reply: Reply<AdminResult<Vec<FdbEntry>>> },
+    Shutdown,
+}
+
+/// The rest of the node's way to the switch thread.
+#[derive(Debug, Clone)]
+pub(crate) struct Handle {
+    commands: mpsc::Sender<Command>,
+    waker: Arc<Waker>,
+    ids: Arc<AtomicU32>,
+}
+
+impl Handle {
+    /// Sends a command and wakes the thread.
+    pub(crate) fn send(&self, command: Command) {
+        // Both fail only once the thread has exited, when there is nobody left to tell.
+        if self.commands.send(command).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// Sends the command `make` builds around a reply channel, and waits for the answer.
+    pub(crate) async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> AdminResult<T> {
+        let (reply, answer) = oneshot::channel();
+        self.send(make(reply));
+        answer
+            .await
+            .map_err(|_| admin::Error::new(ErrorKind::Internal, "the switch thread has stopped"))
+    }
+
+    /// A fresh port id.
+    pub(crate) fn next_port_id(&self) -> PortId {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+struct Network {
+    bridge: Bridge,
+    ports: Vec<PortId>,
+    bess: OwnedFd,
+    table_full_warning: RateLimit,
+}
+
+/// Lets one log line through per [`WARN_INTERVAL`] and counts the rest.
+#[derive(Debug, Default)]
+struct RateLimit {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    /// Whether to log now, and how many were held back since the last one.
+    fn check(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < WARN_INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Starts the switch thread.
+pub(crate) fn spawn(
+    config: SwitchConfig,
+    rejects: Arc<RejectCounters>,
+) -> io::Result<(Handle, thread::JoinHandle<()>)> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let (commands, receiver) = mpsc::channel();
+    let handle = Handle { commands, waker, ids: Arc::new(AtomicU32::new(1)) };
+    let ids = handle.ids.clone();
+    let batch = RecvBatch::new(BATCH, config.max_frame + 1);
+    let switch = Switch {
+        poll,
+        commands: receiver,
+        ids,
+        networks: BTreeMap::new(),
+        ports: HashMap::new(),
+        ready: VecDeque::new(),
+        batch,
+        device_buffer: vec![0u8; DEVICE_BUFFER].into_boxed_slice(),
+        malformed_warnings: HashMap::new(),
+        rejects,
+        config,
+    };
+    let thread = thread::Builder::new().name("umnet-switch".into()).spawn(move || switch.run())?;
+    Ok((handle, thread))
+}
+
+struct Switch {
+    poll: Poll,
+    commands: mpsc::Receiver<Command>,
+    ids: Arc<AtomicU32>,
+    networks: BTreeMap<NetworkId, Network>,
+    ports: HashMap<PortId, Port>,
+    /// Ports with frames left to read after their last turn.
+    ready: VecDeque<PortId>,
+    batch: RecvBatch,
+    device_buffer: Box<[u8]>,
+    malformed_warnings: HashMap<PortId, RateLimit>,
+    rejects: Arc<RejectCounters>,
+    config: SwitchConfig,
+}
+
+impl Switch {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        let mut next_aging = Instant::now() + AGE_INTERVAL;
+        loop {
+            let timeout = if self.ready.is_empty() {
+                next_aging.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            if let Err(error) = self.poll.poll(&mut events, Some(timeout)) {
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(%error, "switch thread cannot wait for events; stopping");
+                return;
+            }
+
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {
+                        if !self.run_commands() {
+                            return;
+                        }
+                    }
+                    Token(token) if token >= LISTENER_BASE => {
+                        self.accept_bess((token - LISTENER_BASE) as NetworkId)
+                    }
+                    Token(token) => {
+                        let id = token as PortId;
+                        if event.is_writable() {
+                            if let Some(port) = self.ports.get_mut(&id) {
+                                port.flush();
+                            }
+                        }
+                        if event.is_readable() || event.is_read_closed() {
+                            self.mark_ready(id);
+                        }
+                    }
+                }
+            }
+
+            // Each port with frames waiting gets a bounded turn, so a client sending flat out
+            // cannot starve the others.
+            for _ in 0..self.ready.len() {
+                let Some(id) = self.ready.pop_front() else { break };
+                if self.receive(id) {
+                    self.ready.push_back(id);
+                } else if let Some(port) = self.ports.get_mut(&id) {
+                    port.ready = false;
+                }
+            }
+
+            let now = Instant::now();
+            if now >= next_aging {
+                for network in self.networks.values_mut() {
+                    network.bridge.age(now);
+                }
+                next_aging = now + AGE_INTERVAL;
+            }
+        }
+    }
+
+    fn mark_ready(&mut self, id: PortId) {
+        if let Some(port) = self.ports.get_mut(&id) {
+            if !port.ready {
+                port.ready = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    /// Reads and switches frames of port `id` for one turn. Returns whether frames may remain.
+    fn receive(&mut self, id: PortId) -> bool {
+        for _ in 0..BATCHES_PER_TURN {
+            let Some(port) = self.ports.get(&id) else { return false };
+            let (fd, io) = (port.fd(), port.io());
+            let outcome = match io {
+                Io::Socket => self.receive_batch(id, fd),
+                Io::Device => self.receive_device(id, fd),
+            };
+            match outcome {
+                Ok(true) => {}
+                Ok(false) => return false,
+                Err(error) => {
+                    self.port_failed(id, &error);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// One `recvmmsg` batch from a socket port. `Ok(false)` when the socket is drained.
+    fn receive_batch(&mut self, id: PortId, fd: RawFd) -> io::Result<bool> {
+        let count = self.batch.receive(fd)?;
+        let now = Instant::now();
+        for index in 0..count {
+            let (frame, received) = self.batch.get(index);
+            if frame.is_empty() && self.ports.get(&id).map(|p| p.kind) == Some(PortKind::Bess) {
+                // A BESS client never sends an empty packet: this is end of stream.
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            let oversize = received.truncated;
+            switch_frame(
+                &mut self.ports,
+                &mut self.networks,
+                &mut self.malformed_warnings,
+                &self.config,
+                Ingress { id, frame, oversize, now },
+            );
+        }
+        Ok(count == BATCH)
+    }
+
+    /// Up to one batch of frames from a device port, one read each.
+    fn receive_device(&mut self, id: PortId, fd: RawFd) -> io::Result<bool> {
+        let now = Instant::now();
+        for _ in 0..BATCH {
+            let len = match sys::read(fd, &mut self.device_buffer) {
+                Ok(len) => len,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(error) => return Err(error),
+            };
+            let frame = &self.device_buffer[..len];
+            switch_frame(
+                &mut self.ports,
+                &mut self.networks,
+                &mut self.malformed_warnings,
+                &self.config,
+                Ingress { id, frame, oversize: false, now },
+            );
+        }
+        Ok(true)
+    }
+
+    fn port_failed(&mut self, id: PortId, error: &io::Error) {
+        if error.kind() == io::ErrorKind::UnexpectedEof {
+            tracing::info!(port = id, "client closed its connection; port removed");
+        } else {
+            tracing::warn!(port = id, %error, "port failed; removed");
+        }
+        self.remove_port(id);
+    }
+
+    fn accept_bess(&mut self, net: NetworkId) {
+        loop {
+            let Some(network) = self.networks.get(&net) else { return };
+            // SAFETY: accept4 takes no address buffer here; a non-negative result is a fresh
+            // descriptor that we own.
+            let fd = unsafe {
+                libc::accept4(
+                    network.bess.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::WouldBlock {
+                    tracing::warn!(net, %error, "cannot accept a BESS connection");
+                }
+                return;
+            }
+            // SAFETY: fd was just returned by accept4 and is owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let id = self.ids.fetch_add(1, Ordering::Relaxed);
+            let pid = sys::peer_credentials(fd.as_raw_fd()).map(|(pid, _)| pid);
+            let client = String::from("UML vector (bess)");
+            self.add_port(NewPort { id, kind: PortKind::Bess, net, client, pid, fd });
+        }
+    }
+
+    /// Runs queued commands. Returns false when the thread must stop.
+    fn run_commands(&mut self) -> bool {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::AddNetwork { net, bess } => self.add_network(net, bess),
+                Command::RemoveNetwork { net, force, reply } => {
+                    let _ = reply.send(self.remove_network(net, force));
+                }
+                Command::AddPort(port) => self.add_port(port),
+                Command::RemovePort { port, reply } => {
+                    let result = self.remove_port(port).ok_or_else(|| no_port(port));
+                    if let Some(reply) = reply {
+                        let _ = reply.send(result);
+                    }
+                }
+                Command::SetNetwork { port, net, reply } => {
+                    let _ = reply.send(self.set_network(port, net));
+                }
+                Command::Ports { reply } => {
+                    let mut ports: Vec<_> = self.ports.values().map(Port::info).collect();
+                    ports.sort_by_key(|port| port.id);
+                    let _ = reply.send(ports);
+                }
+                Command::Networks { reply } => {
+                    let _ = reply.send(self.summaries());
+                }
+                Command::Fdb { net, reply } => {
+                    let _ = reply.send(self.fdb(net));
+                }
+                Command::Shutdown => return false,
+            }
+        }
+        true
+    }
+
+    fn add_network(&mut self, net: NetworkId, bess: OwnedFd) {
+        let token = Token(LISTENER_BASE + net as usize);
+        if let Err(error) = self.poll.registry().register(
+            &mut SourceFd(&bess.as_raw_fd()),
+            token,
+            Interest::READABLE,
+        ) {
+            tracing::error!(net, %error, "cannot watch the network's BESS socket");
+        }
+        let bridge = Bridge::new(self.config.aging, self.config.mac_limit);
+        let network =
+            Network { bridge, ports: Vec::new(), bess, table_full_warning: RateLimit::default() };
+        self.networks.insert(net, network);
+        // Connections queued before the listener was registered are taken now.
+        self.accept_bess(net);
+    }
+
+    fn remove_network(&mut self, net: NetworkId, force: bool) -> AdminResult<Vec<PortId>> {
+        let Some(network) = self.networks.get(&net) else {
+            return Err(admin::Error::new(ErrorKind::NotFound, format!("no network {net}")));
+        };
+        if !network.ports.is_empty() && !force {
+            return Err(admin::Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "network {net} has {} port(s) attached; move or remove them, or use --force",
+                    network.ports.len()
+                ),
+            ));
+        }
+        let ports = network.ports.clone();
+        for &port in &ports {
+            self.remove_port(port);
+        }
+        if let Some(network) = self.networks.remove(&net) {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&network.bess.as_raw_fd()));
+        }
+        Ok(ports)
+    }
+
+    fn add_port(&mut self, new: NewPort) {
+        if self.ports.len() >= self.config.max_ports {
+            RejectCounters::count(&self.rejects.too_many_ports);
+            tracing::warn!(
+                max_ports = self.config.max_ports,
+                kind = %new.kind,
+                net = new.net,
+                "port refused: the node serves its maximum number of ports (switch.max_ports)"
+            );
+            return;
+        }
+        let Some(network) = self.networks.get_mut(&new.net) else {
+            tracing::warn!(port = new.id, net = new.net, "network vanished; port closed");
+            return;
+        };
+        let token = Token(new.id as usize);
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(error) =
+            self.poll.registry().register(&mut SourceFd(&new.fd.as_raw_fd()), token, interest)
+        {
+            tracing::error!(port = new.id, %error, "cannot watch the port; closed");
+            return;
+        }
+        network.ports.push(new.id);
+        tracing::info!(
+            port = new.id,
+            kind = %new.kind,
+            net = new.net,
+            client = %new.client,
+            pid = new.pid,
+            "port attached"
+        );
+        let port = Port::new(
+            new.id,
+            new.kind,
+            new.net,
+            new.client,
+            new.pid,
+            new.fd,
+            self.config.queue_len,
+        );
+        self.ports.insert(new.id, port);
+        // Frames that arrived before registration are read now.
+        self.mark_ready(new.id);
+    }
+
+    fn remove_port(&mut self, id: PortId) -> Option<admin::Port> {
+        let port = self.ports.remove(&id)?;
+        let _ = self.poll.registry().deregister(&mut SourceFd(&port.fd()));
+        self.malformed_warnings.remove(&id);
+        if let Some(network) = self.networks.get_mut(&port.net) {
+            network.ports.retain(|&p| p != id);
+            let forgotten = network.bridge.forget_port(id);
+            tracing::debug!(
+                port = id,
+                net = port.net,
+                forgotten,
+                "addresses of the port forgotten"
+            );
+        }
+        tracing::info!(port = id, kind = %port.kind, net = port.net, "port detached");
+        Some(port.info())
+    }
+
+    fn set_network(&mut self, id: PortId, net: NetworkId) -> AdminResult<admin::Port> {
+        if !self.networks.contains_key(&net) {
+            return Err(admin::Error::new(ErrorKind::NotFound, format!("no network {net}")));
+        }
+        let Some(port) = self.ports.get_mut(&id) else { return Err(no_port(id)) };
+        let from = port.net;
+        if from != net {
+            port.net = net;
+            if let Some(old) = self.networks.get_mut(&from) {
+                old.ports.retain(|&p| p != id);
+                old.bridge.forget_port(id);
+            }
+            if let Some(new) = self.networks.get_mut(&net) {
+                new.ports.push(id);
+            }
+            tracing::info!(port = id, from, to = net, "port moved to another network");
+        }
+        Ok(port.info())
+    }
+
+    fn summaries(&self) -> Vec<NetworkSummary> {
+        self.networks
+            .iter()
+            .map(|(&id, network)| NetworkSummary {
+                id,
+                ports: network.ports.len(),
+                macs: network.bridge.len(),
+                mac_limit: network.bridge.limit(),
+                mac_limit_hits: network.bridge.limit_hits(),
+            })
+            .collect()
+    }
+
+    fn fdb(&self, only: Option<NetworkId>) -> AdminResult<Vec<FdbEntry>> {
+        if let Some(net) = only {
+            if !self.networks.contains_key(&net) {
+                return Err(admin::Error::new(ErrorKind::NotFound, format!("no network {net}")));
+            }
+        }
+        let now = Instant::now();
+        let rows = self
+            .networks
+            .iter()
+            .filter(|(&id, _)| only.is_none_or(|net| net == id))
+            .flat_map(|(&net, network)| {
+                network.bridge.rows(now).into_iter().map(move |row| FdbEntry {
+                    net,
+                    mac: row.mac.to_string(),
+                    port: row.port,
+                    age_secs: row.age.as_secs(),
+                })
+            })
+            .collect();
+        Ok(rows)
+    }
+}
+
+fn no_port(id: PortId) -> admin::Error {
+    admin::Error::new(ErrorKind::NotFound, format!("no port {id}"))
+}
+
+/// A frame as it came in.
+struct Ingress<'a> {
+    id: PortId,
+    frame: &'a [u8],
+    /// The frame did not fit the receive buffer.
+    oversize: bool,
+    now: Instant,
+}
+
+/// Checks, learns and forwards one frame.
+///
+/// A free function over the switch's parts, so the frame can borrow the receive buffer while
+/// ports and bridges are changed.
+fn switch_frame(
+    ports: &mut HashMap<PortId, Port>,
+    networks: &mut BTreeMap<NetworkId, Network>,
+    warnings: &mut HashMap<PortId, RateLimit>,
+    config: &SwitchConfig,
+    ingress: Ingress<'_>,
+) {
+    let Ingress { id, frame, oversize, now } = ingress;
+    let Some(port) = ports.get_mut(&id) else { return };
+
+    // Step 1: refuse what cannot be switched, counting it on the port it came from.
+    let problem = if frame.len() < HEADER_LEN {
+        port.counters.drops.runt += 1;
+        Some("runt")
+    } else if oversize || frame.len() > config.max_frame {
+        port.counters.drops.oversize += 1;
+        Some("oversize")
+    } else {
+        None
+    };
+    let header = match (problem, Header::parse(frame)) {
+        (None, Ok(header)) if header.source.is_group() => {
+            port.counters.drops.bad_source += 1;
+            warn_malformed(warnings, port, "group source address", frame.len(), now);
+            return;
+        }
+        (None, Ok(header)) => header,
+        (problem, _) => {
+            warn_malformed(warnings, port, problem.unwrap_or("runt"), frame.len(), now);
+            return;
+        }
+    };
+    port.counters.rx_frames += 1;
+    port.counters.rx_bytes += frame.len() as u64;
+    let net = port.net;
+    let Some(network) = networks.get_mut(&net) else { return };
+
+    // Step 2: learn the source.
+    match network.bridge.learn(header.source, id, now) {
+        Learned::Moved { from } => {
+            tracing::debug!(net, mac = %header.source, from, to = id, "address moved");
+        }
+        Learned::TableFull => {
+            if let Some(suppressed) = network.table_full_warning.check(now) {
+                tracing::warn!(
+                    net,
+                    limit = network.bridge.limit(),
+                    mac = %header.source,
+                    port = id,
+                    suppressed,
+                    "MAC table full: new sources are flooded, not learned"
+                );
+            }
+        }
+        Learned::New | Learned::Refreshed | Learned::Ignored => {}
+    }
+
+    // Step 3: forward, or flood to every other port of the same network.
+    match network.bridge.decide(header.destination, id, now) {
+        Decision::Forward(out) => {
+            if let Some(port) = ports.get_mut(&out) {
+                port.transmit(frame);
+            }
+        }
+        Decision::Flood => {
+            for &out in &network.ports {
+                if out != id {
+                    if let Some(port) = ports.get_mut(&out) {
+                        port.transmit(frame);
+                    }
+                }
+            }
+        }
+        Decision::Filter => {}
+    }
+    tracing::trace!(net, port = id, len = frame.len(), dst = %header.destination, "frame");
+}
+
+fn warn_malformed(
+    warnings: &mut HashMap<PortId, RateLimit>,
+    port: &Port,
+    reason: &str,
+    len: usize,
+    now: Instant,
+) {
+    if let Some(suppressed) = warnings.entry(port.id).or_default().check(now) {
+        tracing::warn!(
+            port = port.id,
+            client = %port.client,
+            reason,
+            len,
+            suppressed,
+            "dropped a malformed frame"
+        );
+    }
+}

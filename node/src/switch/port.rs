@@ -1,0 +1,227 @@
+//! A port as the switch thread sees it: a descriptor frames come in on and go out on, what is
+//! known of the client, counters, and a short queue for a client that is slow to read.
+//!
+//! Sending never blocks the switch. A frame for a client whose socket is full waits in the
+//! port's queue until the kernel says the socket is writable again, and is dropped (and
+//! counted) only when that queue is full too. uml_switch and vde_switch drop the moment a
+//! client's 10-datagram socket queue (`net.unix.max_dgram_qlen`) is full; a short wait turns
+//! most of those drops into deliveries.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use umnet_proto::admin::{self, NetworkId, PortCounters, PortKind};
+
+use super::PortId;
+use crate::sys;
+
+/// How frames are read from and written to a port's descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Io {
+    /// A datagram or sequenced-packet socket: batched `recvmmsg`, `send`.
+    Socket,
+    /// A character device (tap): `read` and `write`, one frame each.
+    Device,
+}
+
+impl Io {
+    /// The I/O style of a port kind.
+    pub(crate) fn of(kind: PortKind) -> Self {
+        match kind {
+            PortKind::Uml | PortKind::Vde | PortKind::Bess => Io::Socket,
+            PortKind::Tap => Io::Device,
+        }
+    }
+}
+
+/// What happened to a frame handed to [`Port::transmit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// The kernel took it.
+    Delivered,
+    /// It waits in the port's queue.
+    Queued,
+    /// It was dropped and counted.
+    Dropped,
+}
+
+/// A connected client or device.
+#[derive(Debug)]
+pub(crate) struct Port {
+    pub(crate) id: PortId,
+    pub(crate) kind: PortKind,
+    pub(crate) net: NetworkId,
+    /// The client's description or the device name.
+    pub(crate) client: String,
+    pub(crate) pid: Option<u32>,
+    pub(crate) counters: PortCounters,
+    /// Whether the port waits in the switch thread's list of ports with frames to read.
+    pub(crate) ready: bool,
+    io: Io,
+    fd: OwnedFd,
+    queue: VecDeque<Box<[u8]>>,
+    queue_limit: usize,
+}
+
+impl Port {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: PortId,
+        kind: PortKind,
+        net: NetworkId,
+        client: String,
+        pid: Option<u32>,
+        fd: OwnedFd,
+        queue_limit: usize,
+    ) -> Self {
+        Port {
+            id,
+            kind,
+            net,
+            client,
+            pid,
+            counters: PortCounters::default(),
+            ready: false,
+            io: Io::of(kind),
+            fd,
+            queue: VecDeque::new(),
+            queue_limit,
+        }
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    pub(crate) fn io(&self) -> Io {
+        self.io
+    }
+
+    /// Sends `frame` to the client, or queues it if the client's socket is full.
+    pub(crate) fn transmit(&mut self, frame: &[u8]) -> Sent {
+        // Frames already waiting go first: a frame must not overtake an earlier one.
+        if !self.queue.is_empty() {
+            return self.enqueue(frame);
+        }
+        match self.write(frame) {
+            Ok(()) => Sent::Delivered,
+            Err(error) if would_block(&error) => self.enqueue(frame),
+            Err(error) => {
+                self.counters.drops.send_error += 1;
+                tracing::trace!(port = self.id, %error, "send failed");
+                Sent::Dropped
+            }
+        }
+    }
+
+    /// Sends queued frames until the queue is empty or the socket is full again. Called when
+    /// the descriptor becomes writable.
+    pub(crate) fn flush(&mut self) {
+        while let Some(frame) = self.queue.pop_front() {
+            match self.write(&frame) {
+                Ok(()) => {}
+                Err(error) if would_block(&error) => {
+                    self.queue.push_front(frame);
+                    return;
+                }
+                Err(error) => {
+                    self.counters.drops.send_error += 1;
+                    tracing::trace!(port = self.id, %error, "send of a queued frame failed");
+                }
+            }
+        }
+    }
+
+    /// Frames waiting for the client to read.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn enqueue(&mut self, frame: &[u8]) -> Sent {
+        if self.queue.len() >= self.queue_limit {
+            self.counters.drops.queue_full += 1;
+            return Sent::Dropped;
+        }
+        self.queue.push_back(frame.into());
+        Sent::Queued
+    }
+
+    fn write(&mut self, frame: &[u8]) -> io::Result<()> {
+        match self.io {
+            Io::Socket => sys::send(self.fd(), frame)?,
+            Io::Device => sys::write(self.fd(), frame)?,
+        };
+        self.counters.tx_frames += 1;
+        self.counters.tx_bytes += frame.len() as u64;
+        Ok(())
+    }
+
+    /// The port as the admin interface shows it.
+    pub(crate) fn info(&self) -> admin::Port {
+        admin::Port {
+            id: self.id,
+            kind: self.kind,
+            net: self.net,
+            client: self.client.clone(),
+            pid: self.pid,
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+fn would_block(error: &io::Error) -> bool {
+    // ENOBUFS: a tap or socket out of buffer space right now, which passes like EAGAIN.
+    error.kind() == io::ErrorKind::WouldBlock || error.raw_os_error() == Some(libc::ENOBUFS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    fn port_pair(queue_limit: usize) -> (Port, UnixDatagram) {
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let port = Port::new(1, PortKind::Uml, 100, "test".into(), None, ours.into(), queue_limit);
+        (port, theirs)
+    }
+
+    #[test]
+    fn a_full_client_socket_queues_then_drops_and_flush_delivers_in_order() {
+        let (mut port, client) = port_pair(4);
+        let mut sent = 0u32;
+        while port.transmit(&sent.to_be_bytes()) == Sent::Delivered {
+            sent += 1;
+            assert!(sent < 10_000, "the socket never filled");
+        }
+        for i in 1..4u32 {
+            assert_eq!(port.transmit(&(sent + i).to_be_bytes()), Sent::Queued);
+        }
+        assert_eq!(port.transmit(b"late"), Sent::Dropped);
+        assert_eq!(port.counters.drops.queue_full, 1);
+        assert_eq!(port.queued(), 4);
+
+        let mut buffer = [0u8; 16];
+        let mut expected = 0u32;
+        for _ in 0..sent + 4 {
+            if port.queued() > 0 {
+                port.flush();
+            }
+            let n = client.recv(&mut buffer).unwrap();
+            assert_eq!(&buffer[..n], &expected.to_be_bytes());
+            expected += 1;
+        }
+        assert_eq!(port.queued(), 0);
+        assert_eq!(port.counters.tx_frames, u64::from(sent) + 4);
+    }
+
+    #[test]
+    fn a_vanished_client_counts_send_errors() {
+        let (mut port, client) = port_pair(4);
+        drop(client);
+        assert_eq!(port.transmit(b"frame"), Sent::Dropped);
+        assert_eq!(port.counters.drops.send_error, 1);
+    }
+}
