@@ -698,3 +698,178 @@ fn warn_malformed(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    /// A switch thread with networks 100 and 101, and a client socket per port.
+    struct Harness {
+        handle: Handle,
+        thread: Option<thread::JoinHandle<()>>,
+        dir: std::path::PathBuf,
+    }
+
+    impl Harness {
+        fn new(mac_limit: usize) -> Self {
+            let config = SwitchConfig {
+                aging: Duration::from_secs(300),
+                mac_limit,
+                max_frame: 1518,
+                queue_len: 16,
+                max_ports: 8,
+            };
+            let (handle, thread) = spawn(config, Arc::default()).unwrap();
+            static SWITCHES: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "umnet-switch-test-{}-{}",
+                std::process::id(),
+                SWITCHES.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let harness = Harness { handle, thread: Some(thread), dir };
+            for net in [100, 101] {
+                let bess = sys::seqpacket_listener(&harness.dir.join(net.to_string())).unwrap();
+                harness.handle.send(Command::AddNetwork { net, bess });
+            }
+            harness
+        }
+
+        fn port(&self, net: NetworkId) -> (PortId, UnixDatagram) {
+            let (ours, theirs) = UnixDatagram::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            theirs.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            let id = self.handle.next_port_id();
+            let port = NewPort {
+                id,
+                kind: PortKind::Uml,
+                net,
+                client: "test".into(),
+                pid: None,
+                fd: ours.into(),
+            };
+            self.handle.send(Command::AddPort(port));
+            (id, theirs)
+        }
+
+        fn ports(&self) -> Vec<admin::Port> {
+            let (reply, answer) = oneshot::channel();
+            self.handle.send(Command::Ports { reply });
+            answer.blocking_recv().unwrap()
+        }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.handle.send(Command::Shutdown);
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn frame(destination: u8, source: u8, len: usize) -> Vec<u8> {
+        let mut frame = vec![0u8; len];
+        frame[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, destination]);
+        if destination == 0xff {
+            frame[..6].fill(0xff);
+        }
+        frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, source]);
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        frame
+    }
+
+    fn received(socket: &UnixDatagram) -> Option<Vec<u8>> {
+        let mut buffer = [0u8; 2048];
+        socket.recv(&mut buffer).ok().map(|n| buffer[..n].to_vec())
+    }
+
+    #[test]
+    fn floods_within_a_network_then_forwards_to_the_learned_port() {
+        let switch = Harness::new(64);
+        let (_, a) = switch.port(100);
+        let (_, b) = switch.port(100);
+        let (_, c) = switch.port(100);
+        let (_, other) = switch.port(101);
+
+        let broadcast = frame(0xff, 1, 60);
+        a.send(&broadcast).unwrap();
+        assert_eq!(received(&b), Some(broadcast.clone()));
+        assert_eq!(received(&c), Some(broadcast.clone()));
+        assert_eq!(received(&a), None, "never back out of the ingress port");
+        assert_eq!(received(&other), None, "never into another network");
+
+        let reply = frame(1, 2, 60);
+        b.send(&reply).unwrap();
+        assert_eq!(received(&a), Some(reply));
+        assert_eq!(received(&c), None, "a learned destination is not flooded");
+    }
+
+    #[test]
+    fn tagged_frames_pass_intact_and_bad_frames_are_counted() {
+        let switch = Harness::new(64);
+        let (a_id, a) = switch.port(100);
+        let (_, b) = switch.port(100);
+
+        let mut tagged = frame(0xff, 1, 1518);
+        tagged[12..18].copy_from_slice(&[0x81, 0x00, 0x00, 0x2a, 0x08, 0x00]);
+        a.send(&tagged).unwrap();
+        assert_eq!(received(&b), Some(tagged));
+
+        a.send(&[0x55]).unwrap();
+        a.send(&frame(0xff, 1, 1519)).unwrap();
+        a.send(&frame(0xff, 1, 9000)).unwrap();
+        let mut group_source = frame(0xff, 1, 60);
+        group_source[6] = 0x01;
+        a.send(&group_source).unwrap();
+        let ok = frame(0xff, 1, 64);
+        a.send(&ok).unwrap();
+        assert_eq!(received(&b), Some(ok), "good frames after bad ones still pass");
+
+        let ports = switch.ports();
+        let a = ports.iter().find(|p| p.id == a_id).unwrap();
+        assert_eq!(a.counters.drops.runt, 1);
+        assert_eq!(a.counters.drops.oversize, 2);
+        assert_eq!(a.counters.drops.bad_source, 1);
+        assert_eq!(a.counters.rx_frames, 2);
+    }
+
+    #[test]
+    fn a_moved_port_switches_in_its_new_network_only() {
+        let switch = Harness::new(64);
+        let (a_id, a) = switch.port(100);
+        let (_, b) = switch.port(100);
+        let (_, c) = switch.port(101);
+
+        let (reply, answer) = oneshot::channel();
+        switch.handle.send(Command::SetNetwork { port: a_id, net: 101, reply });
+        assert_eq!(answer.blocking_recv().unwrap().unwrap().net, 101);
+
+        let broadcast = frame(0xff, 1, 60);
+        a.send(&broadcast).unwrap();
+        assert_eq!(received(&c), Some(broadcast));
+        assert_eq!(received(&b), None);
+    }
+
+    #[test]
+    fn past_the_mac_limit_frames_still_flow() {
+        let switch = Harness::new(2);
+        let (_, a) = switch.port(100);
+        let (_, b) = switch.port(100);
+        for source in 10..20 {
+            a.send(&frame(0xff, source, 60)).unwrap();
+            assert!(received(&b).is_some());
+        }
+        let (reply, answer) = oneshot::channel();
+        switch.handle.send(Command::Networks { reply });
+        let networks = answer.blocking_recv().unwrap();
+        assert_eq!(networks[0].macs, 2);
+        assert_eq!(networks[0].mac_limit_hits, 8);
+
+        // Unlearned sources are flooded to: b still reaches them.
+        b.send(&frame(15, 3, 60)).unwrap();
+        assert!(received(&a).is_some());
+    }
+}

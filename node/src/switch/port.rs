@@ -204,14 +204,12 @@ mod tests {
         assert_eq!(port.queued(), 4);
 
         let mut buffer = [0u8; 16];
-        let mut expected = 0u32;
-        for _ in 0..sent + 4 {
+        for expected in 0..sent + 4 {
             if port.queued() > 0 {
                 port.flush();
             }
             let n = client.recv(&mut buffer).unwrap();
             assert_eq!(&buffer[..n], &expected.to_be_bytes());
-            expected += 1;
         }
         assert_eq!(port.queued(), 0);
         assert_eq!(port.counters.tx_frames, u64::from(sent) + 4);
