@@ -247,7 +247,8 @@ pub(crate) fn attach_help(run_dir: &Path, net: NetworkId) -> String {
          UML vde transport      eth0=vde,{dir}\n  \
          UML vector (BESS)      vec0:transport=bess,dst={bess}\n  \
          vde_plug               vde_plug {dir}\n  \
-         QEMU                   -netdev vde,id=n{net},sock={dir} -device virtio-net,netdev=n{net}\n",
+         QEMU                   -netdev vde,id=n{net},sock={dir} \
+         -device virtio-net,netdev=n{net}\n",
         ctl = a.ctl,
         dir = a.vde_dir,
         bess = a.bess,
