@@ -80,12 +80,23 @@ pub(crate) struct NetworkSection {
     pub(crate) id: NetworkId,
 }
 
-/// `[[tap]]`, in the config file and in the state file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `[[tap]]` in the config file.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TapSection {
     pub(crate) name: String,
     pub(crate) net: NetworkId,
+}
+
+/// A tap port in the state file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SavedTap {
+    pub(crate) name: String,
+    pub(crate) net: NetworkId,
+    /// The node created the device, and deletes it when the port is removed.
+    #[serde(default)]
+    pub(crate) created: bool,
 }
 
 impl Config {
@@ -153,7 +164,7 @@ pub(crate) struct State {
     #[serde(default)]
     pub(crate) networks: BTreeSet<NetworkId>,
     #[serde(default, rename = "tap")]
-    pub(crate) taps: Vec<TapSection>,
+    pub(crate) taps: Vec<SavedTap>,
 }
 
 impl State {
@@ -280,7 +291,7 @@ mod tests {
         assert_eq!(State::load(&dir).unwrap(), None);
         let state = State {
             networks: [100, 101].into(),
-            taps: vec![TapSection { name: "tap0".into(), net: 100 }],
+            taps: vec![SavedTap { name: "tap0".into(), net: 100, created: true }],
         };
         state.save(&dir).unwrap();
         assert_eq!(State::load(&dir).unwrap(), Some(state));

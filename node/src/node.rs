@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use tokio::sync::oneshot;
 use umnet_proto::admin::{self, Attach, ErrorKind, NetworkId, PortKind, Reply, Request};
 
-use crate::config::{self, Config, State, TapSection, DEFAULT_NETWORK};
+use crate::config::{self, Config, SavedTap, State, DEFAULT_NETWORK};
 use crate::rejects::RejectCounters;
 use crate::switch::{self, Command, NewPort, PortId};
 use crate::{control, sys};
@@ -51,9 +51,16 @@ struct Inner {
     /// What is persisted.
     state: State,
     /// Tap ports by device name.
-    taps: BTreeMap<String, PortId>,
+    taps: BTreeMap<String, TapPort>,
     /// Control connections of daemon and libvdeplug ports: dropping the sender closes it.
     control_connections: HashMap<PortId, oneshot::Sender<()>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TapPort {
+    id: PortId,
+    /// The node created the device: it deletes it when the port is removed.
+    created: bool,
 }
 
 /// Runs a node until SIGINT or SIGTERM.
@@ -115,14 +122,14 @@ async fn serve(
     }
 
     // Tap ports: a tap that cannot be restored is reported, and the rest of the node runs.
-    let mut taps = config.taps.clone();
-    for tap in &state.taps {
+    let mut taps = state.taps.clone();
+    for tap in &config.taps {
         if !taps.iter().any(|t| t.name == tap.name) {
-            taps.push(tap.clone());
+            taps.push(SavedTap { name: tap.name.clone(), net: tap.net, created: false });
         }
     }
     for tap in taps {
-        if let Err(error) = node.open_tap(&tap.name, tap.net) {
+        if let Err(error) = node.open_tap(&tap.name, tap.net, tap.created) {
             tracing::error!(tap = %tap.name, net = tap.net, %error, "cannot restore tap port");
         }
     }
@@ -399,29 +406,38 @@ impl Node {
         })
     }
 
-    /// Opens tap `name` and attaches it to `net`.
-    fn open_tap(&self, name: &str, net: NetworkId) -> Result<admin::Port, admin::Error> {
+    /// Opens tap `name` and attaches it to `net`. A tap the node creates is made persistent,
+    /// so the addresses and routes the host gives it survive a node restart; it is deleted
+    /// when the port is removed. `created` says the node created it in an earlier run.
+    fn open_tap(
+        &self,
+        name: &str,
+        net: NetworkId,
+        created: bool,
+    ) -> Result<(admin::Port, bool), admin::Error> {
         if !self.inner().networks.contains_key(&net) {
             return Err(refused(ErrorKind::NotFound, format!("no network {net}")));
         }
         if self.inner().taps.contains_key(name) {
             return Err(refused(ErrorKind::Exists, format!("tap {name} is a port already")));
         }
-        let existed = sys::interface_exists(name);
+        let created = created || !sys::interface_exists(name);
         let fd = sys::open_tap(name).map_err(|error| tap_error(name, &error))?;
-        if let Err(error) = sys::set_link_up(name) {
-            return Err(tap_error(name, &error));
+        if created {
+            sys::set_tap_persist(&fd, true).map_err(|error| tap_error(name, &error))?;
         }
+        sys::set_link_up(name).map_err(|error| tap_error(name, &error))?;
+
         let id = self.switch.next_port_id();
-        let client = if existed { name.to_string() } else { format!("{name} (created)") };
         let port = admin::Port {
             id,
             kind: PortKind::Tap,
             net,
-            client: client.clone(),
+            client: name.to_string(),
             pid: None,
             counters: Default::default(),
         };
+        let client = name.to_string();
         self.switch.send(Command::AddPort(NewPort {
             id,
             kind: PortKind::Tap,
@@ -430,23 +446,24 @@ impl Node {
             pid: None,
             fd,
         }));
-        self.inner().taps.insert(name.to_string(), id);
-        Ok(port)
+        self.inner().taps.insert(name.to_string(), TapPort { id, created });
+        tracing::info!(tap = name, net, created, "tap port opened");
+        Ok((port, created))
     }
 
     fn add_tap(&self, name: &str, net: NetworkId) -> Result<admin::Port, admin::Error> {
-        let port = self.open_tap(name, net)?;
+        let (port, created) = self.open_tap(name, net, false)?;
         self.update_state(|state| {
             state.taps.retain(|tap| tap.name != name);
-            state.taps.push(TapSection { name: name.to_string(), net });
+            state.taps.push(SavedTap { name: name.to_string(), net, created });
         })?;
         Ok(port)
     }
 
     /// A port id, or the device name of a tap port.
     fn resolve_port(&self, port: &str) -> Result<PortId, admin::Error> {
-        if let Some(&id) = self.inner().taps.get(port) {
-            return Ok(id);
+        if let Some(tap) = self.inner().taps.get(port) {
+            return Ok(tap.id);
         }
         port.parse().map_err(|_| {
             refused(ErrorKind::NotFound, format!("no port {port:?} (give a port id or a tap name)"))
@@ -455,7 +472,8 @@ impl Node {
 
     /// Records a tap port's new network.
     fn moved_port(&self, port: &admin::Port) -> Result<(), admin::Error> {
-        let name = self.inner().taps.iter().find(|(_, &id)| id == port.id).map(|(n, _)| n.clone());
+        let name =
+            self.inner().taps.iter().find(|(_, tap)| tap.id == port.id).map(|(n, _)| n.clone());
         match name {
             Some(name) => self.update_state(|state| {
                 for tap in state.taps.iter_mut().filter(|tap| tap.name == name) {
@@ -467,18 +485,22 @@ impl Node {
     }
 
     /// Closes what the control side holds for ports the switch thread removed: their control
-    /// connections, and their taps in the persisted state.
+    /// connections, and their taps (deleting those the node created).
     fn forget_ports(&self, ports: &[PortId]) -> Result<(), admin::Error> {
         let mut names = Vec::new();
         {
             let mut inner = self.inner();
             for id in ports {
                 inner.control_connections.remove(id);
-                let name = inner.taps.iter().find(|(_, &tap)| tap == *id).map(|(n, _)| n.clone());
-                if let Some(name) = name {
-                    inner.taps.remove(&name);
-                    names.push(name);
+                let found = inner.taps.iter().find(|(_, tap)| tap.id == *id);
+                let Some((name, tap)) = found.map(|(name, tap)| (name.clone(), *tap)) else {
+                    continue;
+                };
+                inner.taps.remove(&name);
+                if tap.created {
+                    delete_tap(&name);
                 }
+                names.push(name);
             }
         }
         if names.is_empty() {
@@ -532,7 +554,20 @@ fn close_network_dir(run_dir: &Path, net: NetworkId) {
     let _ = fs::remove_dir(&dir);
 }
 
+/// Deletes a persistent tap the node created: attach to it once more and clear the flag, so
+/// it goes when this last descriptor closes.
+fn delete_tap(name: &str) {
+    let result = sys::open_tap(name).and_then(|fd| sys::set_tap_persist(&fd, false));
+    match result {
+        Ok(()) => tracing::info!(tap = name, "tap deleted"),
+        Err(error) => tracing::warn!(tap = name, %error, "cannot delete tap"),
+    }
+}
+
 fn tap_error(name: &str, error: &io::Error) -> admin::Error {
+    if error.kind() == io::ErrorKind::InvalidInput {
+        return refused(ErrorKind::Invalid, error.to_string());
+    }
     match error.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EACCES) => refused(
             ErrorKind::Permission,

@@ -260,6 +260,7 @@ impl RecvBatch {
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 
@@ -300,6 +301,13 @@ pub(crate) fn open_tap(name: &str) -> io::Result<OwnedFd> {
     // SAFETY: TUNSETIFF reads and writes one struct ifreq, which `request` is laid out as.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut request as *mut IfReq) })?;
     Ok(fd)
+}
+
+/// Makes the tap behind `fd` outlive its last descriptor (`persist`), or go with it.
+pub(crate) fn set_tap_persist(fd: &OwnedFd, persist: bool) -> io::Result<()> {
+    // SAFETY: TUNSETPERSIST takes its argument by value.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, libc::c_ulong::from(persist)) })?;
+    Ok(())
 }
 
 /// Sets `IFF_UP` on interface `name`.
