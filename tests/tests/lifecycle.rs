@@ -1,0 +1,158 @@
+//! A node's life: start on defaults, refuse a second node on the same sockets, replace a dead
+//! node's stale sockets, restore networks and tap ports after a restart; and the CLI's answers
+//! when things are wrong.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use umnet_tests::client::DaemonClient;
+use umnet_tests::process::run;
+use umnet_tests::{mac, umnet_bin, Guest, GuestConfig, Netns, Node, NodeOptions, TempDir};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs the umnet binary with `args` and returns (exit code, stdout, stderr).
+fn umnet(args: &[&str]) -> Result<(i32, String, String)> {
+    let mut command = Command::new(umnet_bin()?);
+    command.args(args).env_remove("UMNET_RUN_DIR");
+    let output = run(&mut command, TIMEOUT)?;
+    Ok((
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn a_node_on_defaults_serves_network_100_and_cleans_up() -> Result<()> {
+    let mut node = Node::start(NodeOptions::new())?;
+    let networks = node.cli_json(&["net", "list"])?;
+    assert_eq!(networks[0]["id"], 100, "{networks}");
+    assert_eq!(networks.as_array().map(Vec::len), Some(1));
+
+    // The attach strings printed at start are the ones clients need.
+    let ctl = node.ctl(100);
+    let log = node.log();
+    assert!(log.contains(&format!("eth0=daemon,,unix,{}", ctl.display())), "{log}");
+    assert!(log.contains(&format!("vec0:transport=bess,dst={}", node.bess(100).display())));
+    assert!(log.contains(&format!("vde_plug {}", node.vde_dir(100).display())));
+
+    let admin = std::fs::metadata(node.admin_socket())?;
+    assert_eq!(admin.permissions().mode() & 0o777, 0o600, "admin socket not owner-only");
+
+    let status = node.cli_json(&["status"])?;
+    assert_eq!(status["networks"], 1);
+    assert_eq!(status["pid"], node.pid().context("not running")?);
+
+    let exit = node.stop()?;
+    assert!(exit.success(), "node exited with {exit}");
+    for path in [node.admin_socket(), ctl, node.bess(100)] {
+        assert!(!path.exists(), "{} left behind", path.display());
+    }
+    Ok(())
+}
+
+#[test]
+fn a_second_node_is_refused_and_stale_sockets_are_replaced() -> Result<()> {
+    let mut node = Node::start(NodeOptions::new())?;
+    let run_dir = node.run_dir().display().to_string();
+    let state = TempDir::new("second")?;
+    let state_dir = state.path().display().to_string();
+
+    let (code, _, stderr) = umnet(&["node", "--run-dir", &run_dir, "--state-dir", &state_dir])?;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("another umnet node"), "{stderr}");
+    assert!(node.admin_socket().exists(), "the refused node removed the live node's socket");
+    node.cli_ok(&["status"])?;
+
+    // A node killed outright leaves its sockets; the next one replaces them.
+    node.kill()?;
+    assert!(node.ctl(100).exists());
+    node.restart()?;
+    let client = DaemonClient::connect(&node.ctl(100))?;
+    drop(client);
+    node.cli_ok(&["status"])?;
+    Ok(())
+}
+
+#[test]
+fn restarting_restores_networks_and_tap_ports() -> Result<()> {
+    let host = Netns::new("restart")?;
+    let mut node = Node::start(NodeOptions::new().netns(&host))?;
+    node.cli_ok(&["net", "add", "101"])?;
+    node.cli_ok(&["net", "add", "102"])?;
+    node.cli_ok(&["net", "rm", "102"])?;
+    node.cli_ok(&["port", "add", "tap", "umtap1", "--net", "101"])?;
+    host.addr("umtap1", "10.0.1.9/24")?;
+
+    node.restart()?;
+
+    let networks = node.cli_json(&["net", "list"])?;
+    let ids: Vec<u64> =
+        networks.as_array().into_iter().flatten().filter_map(|n| n["id"].as_u64()).collect();
+    assert_eq!(ids, [100, 101]);
+    let ports = node.cli_json(&["port", "list"])?;
+    assert_eq!(ports[0]["kind"], "tap", "{ports}");
+    assert_eq!(ports[0]["client"], "umtap1", "{ports}");
+    assert_eq!(ports[0]["net"], 101, "{ports}");
+
+    // The tap kept the address the host gave it, and carries traffic again.
+    let guest = Guest::boot(GuestConfig::new("g").daemon(0, &mac(1), &node.ctl(101)).netns(&host))?;
+    guest.ip("eth0", "10.0.1.1/24")?;
+    assert!(guest.ping_ok("10.0.1.9")?, "no traffic through the restored tap");
+    Ok(())
+}
+
+#[test]
+fn the_cli_says_what_is_wrong() -> Result<()> {
+    let nowhere = TempDir::new("nonode")?;
+    let nowhere = nowhere.path().display().to_string();
+    let (code, _, stderr) = umnet(&["--run-dir", &nowhere, "status"])?;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("no node is running") && stderr.contains("umnet node"), "{stderr}");
+
+    for args in [&["net", "add", "ten"][..], &["port", "set", "1"], &["bogus"], &["fdb", "--net"]] {
+        let (code, _, stderr) = umnet(args)?;
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+    }
+
+    let node = Node::start(NodeOptions::new())?;
+    let refused = [
+        (&["net", "add", "100"][..], "exists already"),
+        (&["net", "rm", "555"], "no network 555"),
+        (&["port", "rm", "999"], "no port 999"),
+        (&["port", "set", "999", "--net", "100"], "no port 999"),
+        (&["port", "add", "tap", "bad/name"], "not a valid interface name"),
+        (&["port", "add", "tap", "umtapx", "--net", "555"], "no network 555"),
+        (&["fdb", "--net", "555"], "no network 555"),
+    ];
+    for (args, message) in refused {
+        let output = node.cli(args)?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(4), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+
+    // A network with a port attached is removed only with --force, which closes the port.
+    node.cli_ok(&["net", "add", "101"])?;
+    let client = DaemonClient::connect(&node.ctl(101))?;
+    let output = node.cli(&["net", "rm", "101"])?;
+    assert_eq!(output.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--force"));
+    node.cli_ok(&["net", "rm", "101", "--force"])?;
+    assert_eq!(node.cli_json(&["port", "list"])?.as_array().map(Vec::len), Some(0));
+    drop(client);
+
+    let (code, _, stderr) = umnet(&["node", "--config", "/nonexistent/umnet.toml"])?;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot read config file /nonexistent/umnet.toml"), "{stderr}");
+    let config = TempDir::new("badconfig")?;
+    let path = config.join("umnet.toml");
+    std::fs::write(&path, "[switch]\nmac_limt = 5\n")?;
+    let (code, _, stderr) = umnet(&["node", "--config", &path.display().to_string()])?;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("mac_limt"), "{stderr}");
+    Ok(())
+}
