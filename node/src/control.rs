@@ -57,6 +57,8 @@ enum Refusal {
     NotOwner { address: UnixAddress, owner: u32, uid: u32 },
     #[error("cannot reach the client's data socket {address}: {error}")]
     Unreachable { address: UnixAddress, error: std::io::Error },
+    #[error("the switch did not take the port (see the warning before)")]
+    NotAttached,
     #[error("control connection failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -72,6 +74,8 @@ impl Refusal {
             Refusal::Timeout => &rejects.timeout,
             Refusal::NotOwner { .. } | Refusal::Unreachable { .. } => &rejects.unreachable,
             Refusal::Request(_) | Refusal::Io(_) => &rejects.malformed,
+            // Counted by the switch thread, which knows why.
+            Refusal::NotAttached => return,
         };
         RejectCounters::count(counter);
     }
@@ -81,38 +85,37 @@ async fn connection(node: Arc<Node>, net: NetworkId, mut stream: UnixStream) {
     let credentials = sys::peer_credentials(stream.as_raw_fd());
     let pid = credentials.map(|(pid, _)| pid);
     let id = node.switch.next_port_id();
-    let port = match handshake(net, id, credentials, &mut stream).await {
-        Ok(port) => port,
+    let closed = node.control_connection(id);
+    let attached = match handshake(&node, net, id, credentials, &mut stream).await {
+        Ok(()) => true,
         Err(refusal) => {
             refusal.count(&node.rejects);
             tracing::warn!(net, pid, reason = %refusal, "control connection refused");
-            return;
+            false
         }
     };
-
-    let closed = node.control_connection(id);
-    node.switch.send(Command::AddPort(port));
-    let removed_by_node = watch(&mut stream, closed).await;
+    let removed_by_node = attached && watch(&mut stream, closed).await;
     node.control_closed(id);
-    if !removed_by_node {
+    if attached && !removed_by_node {
         node.switch.send(Command::RemovePort { port: id, reply: None });
     }
 }
 
-/// Reads the request, makes the port's data socket and replies.
+/// Reads the request, makes the port's data socket, attaches the port and replies. The reply
+/// goes out only once the switch forwards to the port, so no frame for the client is lost in
+/// between.
 async fn handshake(
+    node: &Node,
     net: NetworkId,
     id: PortId,
     credentials: Option<(u32, u32)>,
     stream: &mut UnixStream,
-) -> Result<NewPort, Refusal> {
+) -> Result<(), Refusal> {
     let request = read_request(stream).await?;
     if let (Some(path), Some((_, uid))) = (request.address.as_path_bytes(), credentials) {
         check_owner(path, uid, &request.address)?;
     }
-
     let (fd, ours) = data_socket(net, id, &request.address)?;
-    stream.write_all(&ours.to_bytes()).await?;
 
     let (kind, client) = if request.address.is_abstract() {
         (PortKind::Uml, "UML daemon transport".to_string())
@@ -120,7 +123,17 @@ async fn handshake(
         (PortKind::Vde, request.description.clone())
     };
     let pid = credentials.map(|(pid, _)| pid);
-    Ok(NewPort { id, kind, net, client, pid, fd })
+    let port = NewPort { id, kind, net, client, pid, fd };
+    let attached = node.switch.ask(|reply| Command::AddPort { port, attached: Some(reply) });
+    if !attached.await.unwrap_or(false) {
+        return Err(Refusal::NotAttached);
+    }
+
+    if let Err(error) = stream.write_all(&ours.to_bytes()).await {
+        node.switch.send(Command::RemovePort { port: id, reply: None });
+        return Err(error.into());
+    }
+    Ok(())
 }
 
 /// Reads one request, refusing early what cannot become one.

@@ -438,14 +438,8 @@ impl Node {
             counters: Default::default(),
         };
         let client = name.to_string();
-        self.switch.send(Command::AddPort(NewPort {
-            id,
-            kind: PortKind::Tap,
-            net,
-            client,
-            pid: None,
-            fd,
-        }));
+        let new = NewPort { id, kind: PortKind::Tap, net, client, pid: None, fd };
+        self.switch.send(Command::AddPort { port: new, attached: None });
         self.inner().taps.insert(name.to_string(), TapPort { id, created });
         tracing::info!(tap = name, net, created, "tap port opened");
         Ok((port, created))

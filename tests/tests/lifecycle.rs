@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use umnet_tests::client::DaemonClient;
+use umnet_tests::client::{frame, DaemonClient};
 use umnet_tests::process::run;
 use umnet_tests::{mac, umnet_bin, Guest, GuestConfig, Netns, Node, NodeOptions, TempDir};
 
@@ -154,5 +154,36 @@ fn the_cli_says_what_is_wrong() -> Result<()> {
     let (code, _, stderr) = umnet(&["node", "--config", &path.display().to_string()])?;
     assert_eq!(code, 1);
     assert!(stderr.contains("mac_limt"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn a_config_file_declares_networks_taps_and_limits() -> Result<()> {
+    let config = "[switch]\nmac_limit = 2\nmax_frame = 1000\n\n\
+                  [[network]]\nid = 7\n\n[[network]]\nid = 8\n";
+    let node = Node::start(NodeOptions::new().config(config))?;
+    let networks = node.cli_json(&["net", "list"])?;
+    let ids: Vec<u64> =
+        networks.as_array().into_iter().flatten().filter_map(|n| n["id"].as_u64()).collect();
+    assert_eq!(ids, [7, 8], "the config declares 7 and 8, so 100 is not served");
+    assert_eq!(networks[0]["mac_limit"], 2);
+
+    let a = DaemonClient::connect(&node.ctl(7))?;
+    let b = DaemonClient::connect(&node.ctl(7))?;
+    let source = [2, 0, 0, 0, 0, 1];
+    let frame = |len: usize| frame([0xff; 6], source, 0x88b5, &vec![0; len - 14]);
+    a.send(&frame(1001))?;
+    a.send(&frame(1000))?;
+    let got = b.recv_matching(3, |_| true)?.context("the 1000-byte frame did not arrive")?;
+    assert_eq!(got.len(), 1000, "the 1001-byte frame passed max_frame = 1000");
+
+    // Taps are declared the same way; a tap needs a namespace of its own.
+    let host = Netns::new("config")?;
+    let config = "[[network]]\nid = 8\n\n[[tap]]\nname = \"umtap8\"\nnet = 8\n";
+    let node = Node::start(NodeOptions::new().netns(&host).config(config))?;
+    let ports = node.cli_json(&["port", "list"])?;
+    assert_eq!(ports[0]["client"], "umtap8", "{ports}");
+    assert_eq!(ports[0]["net"], 8, "{ports}");
+    assert!(host.ip(&["-o", "link"])?.contains("umtap8"));
     Ok(())
 }

@@ -98,14 +98,39 @@ type AdminResult<T> = Result<T, admin::Error>;
 /// What the rest of the node asks of the switch thread.
 #[derive(Debug)]
 pub(crate) enum Command {
-    AddNetwork { net: NetworkId, bess: OwnedFd },
-    RemoveNetwork { net: NetworkId, force: bool, reply: Reply<AdminResult<Vec<PortId>>> },
-    AddPort(NewPort),
-    RemovePort { port: PortId, reply: Option<Reply<AdminResult<admin::Port>>> },
-    SetNetwork { port: PortId, net: NetworkId, reply: Reply<AdminResult<admin::Port>> },
-    Ports { reply: Reply<Vec<admin::Port>> },
-    Networks { reply: Reply<Vec<NetworkSummary>> },
-    Fdb { net: Option<NetworkId>, reply: Reply<AdminResult<Vec<FdbEntry>>> },
+    AddNetwork {
+        net: NetworkId,
+        bess: OwnedFd,
+    },
+    RemoveNetwork {
+        net: NetworkId,
+        force: bool,
+        reply: Reply<AdminResult<Vec<PortId>>>,
+    },
+    /// Attaches a port; `attached` says whether it was, once the switch can forward to it.
+    AddPort {
+        port: NewPort,
+        attached: Option<Reply<bool>>,
+    },
+    RemovePort {
+        port: PortId,
+        reply: Option<Reply<AdminResult<admin::Port>>>,
+    },
+    SetNetwork {
+        port: PortId,
+        net: NetworkId,
+        reply: Reply<AdminResult<admin::Port>>,
+    },
+    Ports {
+        reply: Reply<Vec<admin::Port>>,
+    },
+    Networks {
+        reply: Reply<Vec<NetworkSummary>>,
+    },
+    Fdb {
+        net: Option<NetworkId>,
+        reply: Reply<AdminResult<Vec<FdbEntry>>>,
+    },
     Shutdown,
 }
 
@@ -397,7 +422,12 @@ impl Switch {
                 Command::RemoveNetwork { net, force, reply } => {
                     let _ = reply.send(self.remove_network(net, force));
                 }
-                Command::AddPort(port) => self.add_port(port),
+                Command::AddPort { port, attached } => {
+                    let added = self.add_port(port);
+                    if let Some(attached) = attached {
+                        let _ = attached.send(added);
+                    }
+                }
                 Command::RemovePort { port, reply } => {
                     let result = self.remove_port(port).ok_or_else(|| no_port(port));
                     if let Some(reply) = reply {
@@ -464,7 +494,7 @@ impl Switch {
         Ok(ports)
     }
 
-    fn add_port(&mut self, new: NewPort) {
+    fn add_port(&mut self, new: NewPort) -> bool {
         if self.ports.len() >= self.config.max_ports {
             RejectCounters::count(&self.rejects.too_many_ports);
             tracing::warn!(
@@ -473,11 +503,11 @@ impl Switch {
                 net = new.net,
                 "port refused: the node serves its maximum number of ports (switch.max_ports)"
             );
-            return;
+            return false;
         }
         let Some(network) = self.networks.get_mut(&new.net) else {
             tracing::warn!(port = new.id, net = new.net, "network vanished; port closed");
-            return;
+            return false;
         };
         let token = Token(new.id as usize);
         let interest = Interest::READABLE | Interest::WRITABLE;
@@ -485,7 +515,7 @@ impl Switch {
             self.poll.registry().register(&mut SourceFd(&new.fd.as_raw_fd()), token, interest)
         {
             tracing::error!(port = new.id, %error, "cannot watch the port; closed");
-            return;
+            return false;
         }
         network.ports.push(new.id);
         tracing::info!(
@@ -508,6 +538,7 @@ impl Switch {
         self.ports.insert(new.id, port);
         // Frames that arrived before registration are read now.
         self.mark_ready(new.id);
+        true
     }
 
     fn remove_port(&mut self, id: PortId) -> Option<admin::Port> {
@@ -749,7 +780,7 @@ mod tests {
                 pid: None,
                 fd: ours.into(),
             };
-            self.handle.send(Command::AddPort(port));
+            self.handle.send(Command::AddPort { port, attached: None });
             (id, theirs)
         }
 
