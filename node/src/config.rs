@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use umnet_proto::admin::NetworkId;
 use umnet_proto::ethernet::{HEADER_LEN, MAX_TAGGED_FRAME};
 
-use crate::switch::SwitchConfig;
+use crate::switch::{SwitchConfig, MIN_QUEUE};
 
 /// The network a node serves when nothing says otherwise, as UM-Eth-Net did.
 pub(crate) const DEFAULT_NETWORK: NetworkId = 100;
@@ -121,8 +121,8 @@ impl Config {
         if s.mac_aging_secs == 0 {
             bail!("switch.mac_aging_secs must be at least 1");
         }
-        if s.port_queue == 0 || s.port_queue > 65_536 {
-            bail!("switch.port_queue must be between 1 and 65536, not {}", s.port_queue);
+        if s.port_queue < MIN_QUEUE || s.port_queue > 65_536 {
+            bail!("switch.port_queue must be between {MIN_QUEUE} and 65536, not {}", s.port_queue);
         }
         if s.max_ports == 0 {
             bail!("switch.max_ports must be at least 1");

@@ -28,7 +28,8 @@ use umnet_proto::admin::{self, ErrorKind, FdbEntry, NetworkId, PortKind};
 use umnet_proto::ethernet::{Header, HEADER_LEN};
 
 use self::bridge::{Bridge, Decision, Learned};
-use self::port::{Io, Port};
+pub(crate) use self::port::MIN_QUEUE;
+use self::port::{Io, Port, Sent, RESUME_AT, STUCK_AFTER};
 use crate::rejects::RejectCounters;
 use crate::sys::{self, RecvBatch};
 
@@ -215,6 +216,7 @@ pub(crate) fn spawn(
         networks: BTreeMap::new(),
         ports: HashMap::new(),
         ready: VecDeque::new(),
+        congested: Vec::new(),
         batch,
         device_buffer: vec![0u8; DEVICE_BUFFER].into_boxed_slice(),
         malformed_warnings: HashMap::new(),
@@ -233,6 +235,8 @@ struct Switch {
     ports: HashMap<PortId, Port>,
     /// Ports with frames left to read after their last turn.
     ready: VecDeque<PortId>,
+    /// Ports holding others paused; checked for being stuck.
+    congested: Vec<PortId>,
     batch: RecvBatch,
     device_buffer: Box<[u8]>,
     malformed_warnings: HashMap<PortId, RateLimit>,
@@ -245,10 +249,12 @@ impl Switch {
         let mut events = Events::with_capacity(256);
         let mut next_aging = Instant::now() + AGE_INTERVAL;
         loop {
-            let timeout = if self.ready.is_empty() {
-                next_aging.saturating_duration_since(Instant::now())
-            } else {
+            let timeout = if !self.ready.is_empty() {
                 Duration::ZERO
+            } else if !self.congested.is_empty() {
+                STUCK_AFTER
+            } else {
+                next_aging.saturating_duration_since(Instant::now())
             };
             if let Err(error) = self.poll.poll(&mut events, Some(timeout)) {
                 if error.kind() == io::ErrorKind::Interrupted {
@@ -271,9 +277,7 @@ impl Switch {
                     Token(token) => {
                         let id = token as PortId;
                         if event.is_writable() {
-                            if let Some(port) = self.ports.get_mut(&id) {
-                                port.flush();
-                            }
+                            self.flush(id);
                         }
                         if event.is_readable() || event.is_read_closed() {
                             self.mark_ready(id);
@@ -294,6 +298,9 @@ impl Switch {
             }
 
             let now = Instant::now();
+            if !self.congested.is_empty() {
+                self.check_congested(now);
+            }
             if now >= next_aging {
                 for network in self.networks.values_mut() {
                     network.bridge.age(now);
@@ -301,6 +308,51 @@ impl Switch {
                 next_aging = now + AGE_INTERVAL;
             }
         }
+    }
+
+    /// Sends what port `id` has queued, and reads the ports it paused again once it drained.
+    fn flush(&mut self, id: PortId) {
+        let Some(port) = self.ports.get_mut(&id) else { return };
+        if port.flush() > 0 && port.congested_since.is_some() {
+            port.congested_since = Some(Instant::now());
+        }
+        if port.queued() <= RESUME_AT {
+            port.stuck = false;
+            port.congested_since = None;
+            let waiters = std::mem::take(&mut port.waiters);
+            self.resume(waiters);
+        }
+    }
+
+    fn resume(&mut self, waiters: Vec<PortId>) {
+        for id in waiters {
+            if let Some(port) = self.ports.get_mut(&id) {
+                port.paused = false;
+            }
+            self.mark_ready(id);
+        }
+    }
+
+    /// Releases the ports held paused by a port that has taken no frame for [`STUCK_AFTER`].
+    fn check_congested(&mut self, now: Instant) {
+        let mut released = Vec::new();
+        self.congested.retain(|id| {
+            let Some(port) = self.ports.get_mut(id) else { return false };
+            let Some(since) = port.congested_since else { return false };
+            if now.saturating_duration_since(since) < STUCK_AFTER {
+                return true;
+            }
+            tracing::debug!(
+                port = port.id,
+                queued = port.queued(),
+                "port stopped reading; frames for it are dropped instead of pausing its senders"
+            );
+            port.stuck = true;
+            port.congested_since = None;
+            released.append(&mut port.waiters);
+            false
+        });
+        self.resume(released);
     }
 
     fn mark_ready(&mut self, id: PortId) {
@@ -316,6 +368,9 @@ impl Switch {
     fn receive(&mut self, id: PortId) -> bool {
         for _ in 0..BATCHES_PER_TURN {
             let Some(port) = self.ports.get(&id) else { return false };
+            if port.paused {
+                return false;
+            }
             let (fd, io) = (port.fd(), port.io());
             let outcome = match io {
                 Io::Socket => self.receive_batch(id, fd),
@@ -348,6 +403,7 @@ impl Switch {
                 &mut self.ports,
                 &mut self.networks,
                 &mut self.malformed_warnings,
+                &mut self.congested,
                 &self.config,
                 Ingress { id, frame, oversize, now },
             );
@@ -369,6 +425,7 @@ impl Switch {
                 &mut self.ports,
                 &mut self.networks,
                 &mut self.malformed_warnings,
+                &mut self.congested,
                 &self.config,
                 Ingress { id, frame, oversize: false, now },
             );
@@ -544,6 +601,7 @@ impl Switch {
     fn remove_port(&mut self, id: PortId) -> Option<admin::Port> {
         let port = self.ports.remove(&id)?;
         let _ = self.poll.registry().deregister(&mut SourceFd(&port.fd()));
+        self.resume(port.waiters.clone());
         self.malformed_warnings.remove(&id);
         if let Some(network) = self.networks.get_mut(&port.net) {
             network.ports.retain(|&p| p != id);
@@ -637,6 +695,7 @@ fn switch_frame(
     ports: &mut HashMap<PortId, Port>,
     networks: &mut BTreeMap<NetworkId, Network>,
     warnings: &mut HashMap<PortId, RateLimit>,
+    congested: &mut Vec<PortId>,
     config: &SwitchConfig,
     ingress: Ingress<'_>,
 ) {
@@ -691,24 +750,48 @@ fn switch_frame(
     }
 
     // Step 3: forward, or flood to every other port of the same network.
+    let mut pause = false;
     match network.bridge.decide(header.destination, id, now) {
-        Decision::Forward(out) => {
-            if let Some(port) = ports.get_mut(&out) {
-                port.transmit(frame);
-            }
-        }
+        Decision::Forward(out) => pause = transmit(ports, congested, id, out, frame, now),
         Decision::Flood => {
             for &out in &network.ports {
                 if out != id {
-                    if let Some(port) = ports.get_mut(&out) {
-                        port.transmit(frame);
-                    }
+                    pause |= transmit(ports, congested, id, out, frame, now);
                 }
             }
         }
         Decision::Filter => {}
     }
+    if pause {
+        if let Some(port) = ports.get_mut(&id) {
+            port.paused = true;
+        }
+    }
     tracing::trace!(net, port = id, len = frame.len(), dst = %header.destination, "frame");
+}
+
+/// Sends `frame` from port `ingress` out of port `out`. Returns whether `ingress` must pause
+/// because `out` is congested.
+fn transmit(
+    ports: &mut HashMap<PortId, Port>,
+    congested: &mut Vec<PortId>,
+    ingress: PortId,
+    out: PortId,
+    frame: &[u8],
+    now: Instant,
+) -> bool {
+    let Some(port) = ports.get_mut(&out) else { return false };
+    if port.transmit(frame) == Sent::Delivered || !port.congested() {
+        return false;
+    }
+    if !port.waiters.contains(&ingress) {
+        port.waiters.push(ingress);
+    }
+    if port.congested_since.is_none() {
+        port.congested_since = Some(now);
+        congested.push(out);
+    }
+    true
 }
 
 fn warn_malformed(
@@ -748,7 +831,7 @@ mod tests {
                 aging: Duration::from_secs(300),
                 mac_limit,
                 max_frame: 1518,
-                queue_len: 16,
+                queue_len: 64,
                 max_ports: 8,
             };
             let (handle, thread) = spawn(config, Arc::default()).unwrap();
@@ -902,5 +985,66 @@ mod tests {
         // Unlearned sources are flooded to: b still reaches them.
         b.send(&frame(15, 3, 60)).unwrap();
         assert!(received(&a).is_some());
+    }
+
+    #[test]
+    fn a_slow_reader_pauses_its_sender_and_loses_nothing() {
+        let switch = Harness::new(64);
+        let (_, a) = switch.port(100);
+        let (b_id, b) = switch.port(100);
+        b.send(&frame(0xff, 2, 60)).unwrap();
+        assert!(received(&a).is_some());
+
+        // The sender outruns the reader by far; the reader drains slowly.
+        const FRAMES: u32 = 3000;
+        let sender = std::thread::spawn(move || {
+            for i in 0..FRAMES {
+                let mut f = frame(2, 1, 64);
+                f[14..18].copy_from_slice(&i.to_be_bytes());
+                a.send(&f).unwrap();
+            }
+        });
+        for i in 0..FRAMES {
+            let f = received(&b).unwrap_or_else(|| panic!("frame {i} never came"));
+            assert_eq!(f[14..18], i.to_be_bytes(), "frame {i}: {:?}", switch.ports());
+            if i % 500 == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        sender.join().unwrap();
+        let ports = switch.ports();
+        let b = ports.iter().find(|p| p.id == b_id).unwrap();
+        assert_eq!(b.counters.drops.queue_full, 0);
+    }
+
+    #[test]
+    fn a_reader_that_stops_pauses_nobody_for_long() {
+        let switch = Harness::new(64);
+        let (_, a) = switch.port(100);
+        let (b_id, b) = switch.port(100);
+        let (_, c) = switch.port(100);
+        b.send(&frame(0xff, 2, 60)).unwrap();
+        assert!(received(&a).is_some());
+        assert!(received(&c).is_some());
+
+        // b never reads again. a's frames to b are dropped once b is found stuck, and a's
+        // broadcasts still reach c.
+        a.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        for _ in 0..5000 {
+            a.send(&frame(2, 1, 64)).unwrap();
+        }
+        let broadcast = frame(0xff, 1, 60);
+        a.send(&broadcast).unwrap();
+        let mut got = None;
+        for _ in 0..20 {
+            got = received(&c);
+            if got.is_some() {
+                break;
+            }
+        }
+        assert_eq!(got, Some(broadcast));
+        let ports = switch.ports();
+        let b = ports.iter().find(|p| p.id == b_id).unwrap();
+        assert!(b.counters.drops.queue_full > 0, "{:?}", b.counters);
     }
 }

@@ -6,15 +6,38 @@
 //! counted) only when that queue is full too. uml_switch and vde_switch drop the moment a
 //! client's 10-datagram socket queue (`net.unix.max_dgram_qlen`) is full; a short wait turns
 //! most of those drops into deliveries.
+//!
+//! A port whose queue grows past [`PAUSE_AT`] also pauses the ports feeding it, as an Ethernet
+//! PAUSE frame would: the switch stops reading them until the queue is back under
+//! [`RESUME_AT`]. A sender then waits in its own socket instead of burning CPU on frames the
+//! switch would drop, which on a busy host leaves the CPU to the slow reader. A port that reads
+//! nothing for [`STUCK_AFTER`] is stuck: it pauses nobody, and frames for it are dropped, so one
+//! frozen guest cannot stall its network.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use umnet_proto::admin::{self, NetworkId, PortCounters, PortKind};
 
 use super::PortId;
 use crate::sys;
+
+/// Frames queued for a port before it pauses the ports sending to it: one receive batch. The
+/// sender is paused between batches, so the queue must hold twice this for no frame to be
+/// lost (the config requires `port_queue` of at least [`MIN_QUEUE`]).
+pub(crate) const PAUSE_AT: usize = 32;
+
+/// The shortest port queue that absorbs the batch a sender may still deliver once paused.
+pub(crate) const MIN_QUEUE: usize = 2 * PAUSE_AT;
+
+/// Frames queued for a port below which the ports it paused are read again.
+pub(crate) const RESUME_AT: usize = 8;
+
+/// How long a port may hold others paused without taking a single frame before it is treated
+/// as stuck.
+pub(crate) const STUCK_AFTER: Duration = Duration::from_millis(20);
 
 /// How frames are read from and written to a port's descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +81,14 @@ pub(crate) struct Port {
     pub(crate) counters: PortCounters,
     /// Whether the port waits in the switch thread's list of ports with frames to read.
     pub(crate) ready: bool,
+    /// Whether the switch stopped reading this port because a port it sends to is congested.
+    pub(crate) paused: bool,
+    /// Ports paused because of this port's queue, read again when it drains.
+    pub(crate) waiters: Vec<PortId>,
+    /// When this port, holding others paused, last took a frame.
+    pub(crate) congested_since: Option<Instant>,
+    /// The port stopped draining: it pauses nobody until its queue empties.
+    pub(crate) stuck: bool,
     io: Io,
     fd: OwnedFd,
     queue: VecDeque<Box<[u8]>>,
@@ -83,6 +114,10 @@ impl Port {
             pid,
             counters: PortCounters::default(),
             ready: false,
+            paused: false,
+            waiters: Vec::new(),
+            congested_since: None,
+            stuck: false,
             io: Io::of(kind),
             fd,
             queue: VecDeque::new(),
@@ -116,14 +151,15 @@ impl Port {
     }
 
     /// Sends queued frames until the queue is empty or the socket is full again. Called when
-    /// the descriptor becomes writable.
-    pub(crate) fn flush(&mut self) {
+    /// the descriptor becomes writable. Returns how many frames left the queue.
+    pub(crate) fn flush(&mut self) -> usize {
+        let before = self.queue.len();
         while let Some(frame) = self.queue.pop_front() {
             match self.write(&frame) {
                 Ok(()) => {}
                 Err(error) if would_block(&error) => {
                     self.queue.push_front(frame);
-                    return;
+                    break;
                 }
                 Err(error) => {
                     self.counters.drops.send_error += 1;
@@ -131,12 +167,17 @@ impl Port {
                 }
             }
         }
+        before - self.queue.len()
     }
 
     /// Frames waiting for the client to read.
-    #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Whether ports sending to this one should pause.
+    pub(crate) fn congested(&self) -> bool {
+        !self.stuck && self.queue.len() >= PAUSE_AT
     }
 
     fn enqueue(&mut self, frame: &[u8]) -> Sent {
