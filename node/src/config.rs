@@ -58,6 +58,8 @@ pub(crate) struct SwitchSection {
     pub(crate) max_ports: usize,
     /// Permissions of the client sockets (`ctl`, `bess`), octal as a string.
     pub(crate) socket_mode: String,
+    /// Microseconds the switch thread keeps polling after its last event before it sleeps.
+    pub(crate) busy_poll_us: u64,
 }
 
 impl Default for SwitchSection {
@@ -69,6 +71,7 @@ impl Default for SwitchSection {
             port_queue: 256,
             max_ports: 1024,
             socket_mode: "0660".into(),
+            busy_poll_us: 50,
         }
     }
 }
@@ -124,6 +127,9 @@ impl Config {
         if s.port_queue < MIN_QUEUE || s.port_queue > 65_536 {
             bail!("switch.port_queue must be between {MIN_QUEUE} and 65536, not {}", s.port_queue);
         }
+        if s.busy_poll_us > 10_000 {
+            bail!("switch.busy_poll_us must be at most 10000, not {}", s.busy_poll_us);
+        }
         if s.max_ports == 0 {
             bail!("switch.max_ports must be at least 1");
         }
@@ -153,6 +159,7 @@ impl Config {
             max_frame: self.switch.max_frame,
             queue_len: self.switch.port_queue,
             max_ports: self.switch.max_ports,
+            busy_poll: Duration::from_micros(self.switch.busy_poll_us),
         }
     }
 }
