@@ -109,6 +109,15 @@ fn a_tap_port_in_a_namespace_reaches_a_guest() -> Result<()> {
     node.cli_ok(&["port", "rm", "umtap0"])?;
     let links = host.ip(&["-o", "link"])?;
     assert!(!links.contains("umtap0"), "the tap the node created was not deleted:\n{links}");
+
+    // A persistent tap made beforehand is attached to, and left in place on removal.
+    host.ip(&["tuntap", "add", "dev", "umtapp", "mode", "tap"])?;
+    node.cli_ok(&["port", "add", "tap", "umtapp", "--net", "100"])?;
+    host.addr("umtapp", "10.0.0.8/24")?;
+    assert!(guest.ping_ok("10.0.0.8")?, "the guest cannot reach the host through the tap");
+    node.cli_ok(&["port", "rm", "umtapp"])?;
+    let links = host.ip(&["-o", "link"])?;
+    assert!(links.contains("umtapp"), "a tap the node did not create was deleted:\n{links}");
     Ok(())
 }
 
