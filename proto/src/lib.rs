@@ -7,8 +7,11 @@
 //!   (`vde_plug`, QEMU `-netdev vde`), and the `sockaddr_un` reply.
 //! - [`ethernet`]: MAC addresses and the fixed Ethernet header every switched frame starts with.
 //! - [`admin`]: the JSON-lines protocol between the `umnet` CLI and a running node.
+//! - [`peer`]: what nodes send each other: frames as QUIC datagrams, fragmented when they do
+//!   not fit, and announcements of the networks each serves.
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod daemon;
 pub mod ethernet;
+pub mod peer;
