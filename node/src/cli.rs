@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use umnet_proto::admin::{self, ErrorKind, Reply, Request, Response};
 
-use crate::{AddPort, Command, NetCommand, PortCommand};
+use crate::{AddPort, Command, NetCommand, PeerCommand, PortCommand};
 
 /// A local failure.
 pub(crate) const EXIT_FAILURE: u8 = 1;
@@ -24,7 +24,9 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// Sends `command` to the node at `run_dir` and prints its answer.
 pub(crate) fn run(run_dir: &Path, json: bool, command: Command) -> ExitCode {
     let request = match command {
-        Command::Node(_) => unreachable!("the node is not a client command"),
+        Command::Node(_) | Command::Ca(_) | Command::Cert(_) => {
+            unreachable!("not a client command")
+        }
         Command::Status => Request::Status,
         Command::Net(NetCommand::List) => Request::NetList,
         Command::Net(NetCommand::Add { net }) => Request::NetAdd { net },
@@ -36,6 +38,9 @@ pub(crate) fn run(run_dir: &Path, json: bool, command: Command) -> ExitCode {
         Command::Port(PortCommand::Set { port, net }) => Request::PortSet { port, net },
         Command::Port(PortCommand::Rm { port }) => Request::PortRm { port },
         Command::Fdb { net } => Request::Fdb { net },
+        Command::Peer(PeerCommand::List) => Request::PeerList,
+        Command::Peer(PeerCommand::Add { name, address }) => Request::PeerAdd { name, address },
+        Command::Peer(PeerCommand::Rm { name }) => Request::PeerRm { name },
     };
 
     let response = match exchange(run_dir, &request) {
@@ -112,6 +117,7 @@ fn to_json(reply: &Reply) -> String {
         Reply::Networks(networks) => serde_json::to_value(networks),
         Reply::Ports(ports) => serde_json::to_value(ports),
         Reply::Fdb(entries) => serde_json::to_value(entries),
+        Reply::Peers(peers) => serde_json::to_value(peers),
         Reply::Done => Ok(serde_json::json!({ "done": true })),
     };
     value.map(|v| v.to_string()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
@@ -123,9 +129,11 @@ fn render(request: &Request, reply: &Reply) -> String {
         Reply::Networks(networks) => render_networks(networks),
         Reply::Ports(ports) => render_ports(ports),
         Reply::Fdb(entries) => render_fdb(entries),
+        Reply::Peers(peers) => render_peers(peers),
         Reply::Done => match request {
             Request::NetRm { net, .. } => format!("network {net} removed\n"),
             Request::PortRm { port } => format!("port {port} removed\n"),
+            Request::PeerRm { name } => format!("peer {name} removed\n"),
             _ => String::new(),
         },
     }
@@ -212,6 +220,37 @@ fn render_fdb(entries: &[admin::FdbEntry]) -> String {
     let mut out = format!("{:<8} {:<18} {:>5} {:>6}\n", "NET", "MAC", "PORT", "AGE");
     for e in entries {
         out.push_str(&format!("{:<8} {:<18} {:>5} {:>5}s\n", e.net, e.mac, e.port, e.age_secs));
+    }
+    out
+}
+
+fn render_peers(peers: &[admin::Peer]) -> String {
+    let mut out = format!(
+        "{:<16} {:<12} {:<22} {:>8} {:>8} {:>6} {:>10} {:>10}  NETWORKS / DROPS / LAST ERROR\n",
+        "PEER", "STATE", "ADDRESS", "RTT-US", "UP-S", "MAXDG", "RX-FRAMES", "TX-FRAMES"
+    );
+    let dash = || "-".to_string();
+    for p in peers {
+        let c = &p.counters;
+        let nets: Vec<String> = p.networks.iter().map(u32::to_string).collect();
+        out.push_str(&format!(
+            "{:<16} {:<12} {:<22} {:>8} {:>8} {:>6} {:>10} {:>10}  [{}] malformed={} \
+             not-allowed={} reassembly={} send-failed={}{}\n",
+            p.name,
+            p.state.to_string(),
+            p.address.clone().unwrap_or_else(dash),
+            p.rtt_us.map_or_else(dash, |v| v.to_string()),
+            p.uptime_secs.map_or_else(dash, |v| v.to_string()),
+            p.max_datagram.map_or_else(dash, |v| v.to_string()),
+            c.rx_frames,
+            c.tx_frames,
+            nets.join(","),
+            c.malformed,
+            c.not_allowed,
+            c.reassembly,
+            c.send_failed,
+            p.last_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default(),
+        ));
     }
     out
 }

@@ -40,6 +40,61 @@ pub(crate) struct Config {
     /// Tap ports to attach.
     #[serde(default, rename = "tap")]
     pub(crate) taps: Vec<TapSection>,
+    #[serde(default)]
+    pub(crate) federation: FederationSection,
+    /// Peers to dial.
+    #[serde(default, rename = "peer")]
+    pub(crate) peers: Vec<PeerSection>,
+}
+
+/// The UDP port a node listens on for peers unless told otherwise.
+pub(crate) const DEFAULT_PEER_PORT: u16 = 7780;
+
+/// `[federation]`: the QUIC endpoint and who may connect.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct FederationSection {
+    /// UDP address to listen on; `--listen` overrides.
+    pub(crate) listen: String,
+    /// Identity bundle; `--identity` overrides. Default: `STATE/identity.pem`.
+    pub(crate) identity: Option<PathBuf>,
+    /// `"cluster"`: any node with a certificate of the cluster CA may connect; `"listed"`:
+    /// only configured peers.
+    pub(crate) inbound: Inbound,
+    /// Node names whose certificates are refused, and whose connections are closed.
+    pub(crate) revoked_names: Vec<String>,
+    /// Certificate fingerprints (SHA-256, as `umnet cert show` prints them) refused likewise.
+    pub(crate) revoked_fingerprints: Vec<String>,
+}
+
+impl Default for FederationSection {
+    fn default() -> Self {
+        FederationSection {
+            listen: format!("0.0.0.0:{DEFAULT_PEER_PORT}"),
+            identity: None,
+            inbound: Inbound::Cluster,
+            revoked_names: Vec::new(),
+            revoked_fingerprints: Vec::new(),
+        }
+    }
+}
+
+/// Who may open a connection to a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Inbound {
+    Cluster,
+    Listed,
+}
+
+/// `[[peer]]`, in the config and state files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PeerSection {
+    /// The peer's node name, as in its certificate.
+    pub(crate) name: String,
+    /// `HOST:PORT` it listens on.
+    pub(crate) address: String,
 }
 
 /// `[switch]`: limits and timers.
@@ -81,6 +136,8 @@ impl Default for SwitchSection {
 #[serde(deny_unknown_fields)]
 pub(crate) struct NetworkSection {
     pub(crate) id: NetworkId,
+    /// Only these peers carry the network's frames; all peers when absent.
+    pub(crate) peers: Option<Vec<String>>,
 }
 
 /// `[[tap]]` in the config file.
@@ -134,6 +191,16 @@ impl Config {
             bail!("switch.max_ports must be at least 1");
         }
         self.socket_mode()?;
+        if self.federation.listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!(
+                "federation.listen must be an address and port such as \"0.0.0.0:7780\", not {:?}",
+                self.federation.listen
+            );
+        }
+        for peer in &self.peers {
+            umnet_certs::validate_node_name(&peer.name)
+                .with_context(|| format!("[[peer]] {:?}", peer.name))?;
+        }
         for tap in &self.taps {
             if !self.networks.iter().any(|n| n.id == tap.net) {
                 bail!("tap {} is on network {}, which no [[network]] declares", tap.name, tap.net);
@@ -172,6 +239,8 @@ pub(crate) struct State {
     pub(crate) networks: BTreeSet<NetworkId>,
     #[serde(default, rename = "tap")]
     pub(crate) taps: Vec<SavedTap>,
+    #[serde(default, rename = "peer")]
+    pub(crate) peers: Vec<PeerSection>,
 }
 
 impl State {
@@ -299,6 +368,7 @@ mod tests {
         let state = State {
             networks: [100, 101].into(),
             taps: vec![SavedTap { name: "tap0".into(), net: 100, created: true }],
+            peers: vec![PeerSection { name: "b".into(), address: "10.9.0.2:7780".into() }],
         };
         state.save(&dir).unwrap();
         assert_eq!(State::load(&dir).unwrap(), Some(state));

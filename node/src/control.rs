@@ -20,7 +20,7 @@ use umnet_proto::daemon::{Request, RequestError, UnixAddress, MAX_REQUEST_LEN, M
 
 use crate::node::Node;
 use crate::rejects::RejectCounters;
-use crate::switch::{Command, NewPort, PortId};
+use crate::switch::{Command, Link, NewPort, PortId};
 use crate::sys;
 
 /// How long a client has to send its request.
@@ -123,7 +123,7 @@ async fn handshake(
         (PortKind::Vde, request.description.clone())
     };
     let pid = credentials.map(|(pid, _)| pid);
-    let port = NewPort { id, kind, net, client, pid, fd };
+    let port = NewPort { id, kind, net, client, pid, link: Link::Socket(fd) };
     let attached = node.switch.ask(|reply| Command::AddPort { port, attached: Some(reply) });
     if !attached.await.unwrap_or(false) {
         return Err(Refusal::NotAttached);

@@ -12,7 +12,10 @@ mod admin;
 mod cli;
 mod config;
 mod control;
+mod federation;
+mod identity_cli;
 mod node;
+mod peers;
 mod rejects;
 mod switch;
 mod sys;
@@ -56,6 +59,15 @@ enum Command {
     /// Manage ports.
     #[command(subcommand)]
     Port(PortCommand),
+    /// The cluster CA: create it, issue node identities, sign requests.
+    #[command(subcommand)]
+    Ca(identity_cli::CaCommand),
+    /// This node's certificate: request, install, show.
+    #[command(subcommand)]
+    Cert(identity_cli::CertCommand),
+    /// Manage peers: other nodes of the cluster.
+    #[command(subcommand)]
+    Peer(PeerCommand),
     /// Show learned MAC addresses.
     Fdb {
         /// Only this network.
@@ -73,6 +85,13 @@ struct NodeArgs {
     /// else $XDG_STATE_HOME/umnet.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Identity bundle (node certificate, CA certificate, key) for federation; default
+    /// STATE/identity.pem. Without one the node runs single-host.
+    #[arg(long, value_name = "FILE")]
+    identity: Option<PathBuf>,
+    /// UDP address to listen on for peers; default 0.0.0.0:7780.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +136,24 @@ pub(crate) enum PortCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub(crate) enum PeerCommand {
+    /// List peers: state, address, RTT, traffic, drops.
+    List,
+    /// Add a peer to dial.
+    Add {
+        /// Its node name, as in its certificate.
+        name: String,
+        /// Where it listens, HOST:PORT.
+        address: String,
+    },
+    /// Remove a peer and close its connection.
+    Rm {
+        /// Its node name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub(crate) enum AddPort {
     /// A tap device, created if it does not exist: the host joins the network.
     Tap {
@@ -137,6 +174,8 @@ fn main() -> ExitCode {
                 config: args.config,
                 run_dir: cli.run_dir,
                 state_dir: args.state_dir,
+                identity: args.identity,
+                listen: args.listen,
             };
             match node::run(options) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -147,9 +186,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ca(command) => local(identity_cli::ca(command)),
+        Command::Cert(command) => local(identity_cli::cert(command)),
         command => {
             let run_dir = cli.run_dir.unwrap_or_else(config::default_run_dir);
             cli::run(&run_dir, cli.json, command)
+        }
+    }
+}
+
+/// The exit code of a command that works on local files.
+fn local(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("umnet: {error:#}");
+            ExitCode::from(cli::EXIT_FAILURE)
         }
     }
 }

@@ -16,9 +16,10 @@ use anyhow::{bail, Context};
 use tokio::sync::oneshot;
 use umnet_proto::admin::{self, Attach, ErrorKind, NetworkId, PortKind, Reply, Request};
 
-use crate::config::{self, Config, SavedTap, State, DEFAULT_NETWORK};
+use crate::config::{self, Config, PeerSection, SavedTap, State, DEFAULT_NETWORK};
+use crate::peers::Federation;
 use crate::rejects::RejectCounters;
-use crate::switch::{self, Command, NewPort, PortId};
+use crate::switch::{self, Command, Link, NewPort, PortId};
 use crate::{control, sys};
 
 /// Where a node's directories and config come from.
@@ -27,6 +28,8 @@ pub(crate) struct Options {
     pub(crate) config: Option<PathBuf>,
     pub(crate) run_dir: Option<PathBuf>,
     pub(crate) state_dir: Option<PathBuf>,
+    pub(crate) identity: Option<PathBuf>,
+    pub(crate) listen: Option<String>,
 }
 
 /// Name of the lock file that marks a run directory as in use by a live node.
@@ -41,6 +44,8 @@ pub(crate) struct Node {
     pub(crate) rejects: Arc<RejectCounters>,
     pub(crate) socket_mode: u32,
     pub(crate) started: Instant,
+    /// Peers, when the node has an identity.
+    federation: Option<Arc<Federation>>,
     inner: Mutex<Inner>,
 }
 
@@ -86,10 +91,19 @@ pub(crate) fn run(options: Options) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(serve(config, state, run_dir.clone(), state_dir, socket_mode));
+    let federation = FederationOptions { identity: options.identity, listen: options.listen };
+    let result =
+        runtime.block_on(serve(config, state, run_dir.clone(), state_dir, socket_mode, federation));
     let _ = fs::remove_file(run_dir.join(LOCK_NAME));
     drop(lock);
     result
+}
+
+/// Where the node's identity is and where it listens for peers.
+#[derive(Debug)]
+struct FederationOptions {
+    identity: Option<PathBuf>,
+    listen: Option<String>,
 }
 
 async fn serve(
@@ -98,10 +112,31 @@ async fn serve(
     run_dir: PathBuf,
     state_dir: PathBuf,
     socket_mode: u32,
+    federation: FederationOptions,
 ) -> anyhow::Result<()> {
     let rejects = Arc::new(RejectCounters::default());
     let (switch, switch_thread) = switch::spawn(config.switch_config(), rejects.clone())
         .context("cannot start the switch thread")?;
+
+    // Networks from the config file and the state directory.
+    let mut networks: Vec<NetworkId> = config.networks.iter().map(|n| n.id).collect();
+    networks.extend(state.networks.iter().copied());
+    networks.sort_unstable();
+    networks.dedup();
+
+    let federation =
+        crate::federation::start(&config, &federation.identity, &federation.listen, &state_dir)
+            .map(|start| {
+                start.map(|(settings, endpoint, client)| {
+                    Federation::new(
+                        settings,
+                        endpoint,
+                        client,
+                        switch.clone(),
+                        networks.iter().copied().collect(),
+                    )
+                })
+            })?;
     let node = Arc::new(Node {
         run_dir: run_dir.clone(),
         state_dir,
@@ -109,16 +144,23 @@ async fn serve(
         rejects,
         socket_mode,
         started: Instant::now(),
+        federation,
         inner: Mutex::new(Inner { state: state.clone(), ..Inner::default() }),
     });
-
-    // Networks from the config file and the state directory.
-    let mut networks: Vec<NetworkId> = config.networks.iter().map(|n| n.id).collect();
-    networks.extend(state.networks.iter().copied());
-    networks.sort_unstable();
-    networks.dedup();
     for &net in &networks {
         node.open_network(net).with_context(|| format!("cannot serve network {net}"))?;
+    }
+    if let Some(federation) = &node.federation {
+        tokio::spawn(federation.clone().accept());
+        let mut peers = config.peers.clone();
+        for peer in &state.peers {
+            if !peers.iter().any(|p| p.name == peer.name) {
+                peers.push(peer.clone());
+            }
+        }
+        for peer in peers {
+            federation.add_peer(&peer.name, &peer.address);
+        }
     }
 
     // Tap ports: a tap that cannot be restored is reported, and the rest of the node runs.
@@ -153,6 +195,9 @@ async fn serve(
     wait_for_signal().await?;
     tracing::info!("stopping");
     admin_task.abort();
+    if let Some(federation) = &node.federation {
+        federation.close().await;
+    }
     node.switch.send(Command::Shutdown);
     if switch_thread.join().is_err() {
         tracing::error!("the switch thread panicked");
@@ -319,6 +364,56 @@ impl Node {
             Request::Fdb { net } => {
                 Ok(Reply::Fdb(self.switch.ask(|reply| Command::Fdb { net, reply }).await??))
             }
+            Request::PeerList => Ok(Reply::Peers(self.federation()?.list())),
+            Request::PeerAdd { name, address } => {
+                self.add_peer(&name, &address)?;
+                let peers = self.federation()?.list();
+                Ok(Reply::Peers(peers.into_iter().filter(|p| p.name == name).collect()))
+            }
+            Request::PeerRm { name } => {
+                if !self.federation()?.remove_peer(&name) {
+                    return Err(refused(ErrorKind::NotFound, format!("no peer {name}")));
+                }
+                self.update_state(|state| state.peers.retain(|peer| peer.name != name))?;
+                Ok(Reply::Done)
+            }
+        }
+    }
+
+    fn federation(&self) -> Result<&Arc<Federation>, admin::Error> {
+        self.federation.as_ref().ok_or_else(|| {
+            refused(
+                ErrorKind::Invalid,
+                "this node has no identity, so it has no peers; issue one with `umnet ca issue \
+                 NAME` on the CA host and start the node with --identity FILE",
+            )
+        })
+    }
+
+    fn add_peer(&self, name: &str, address: &str) -> Result<(), admin::Error> {
+        let federation = self.federation()?;
+        umnet_certs::validate_node_name(name)
+            .map_err(|error| refused(ErrorKind::Invalid, error.to_string()))?;
+        let port = address.rsplit_once(':').and_then(|(host, port)| {
+            (!host.is_empty()).then(|| port.parse::<u16>().ok()).flatten()
+        });
+        if port.is_none() {
+            return Err(refused(
+                ErrorKind::Invalid,
+                format!("peer address must be HOST:PORT, not {address:?}"),
+            ));
+        }
+        federation.add_peer(name, address);
+        self.update_state(|state| {
+            state.peers.retain(|peer| peer.name != name);
+            state.peers.push(PeerSection { name: name.to_string(), address: address.to_string() });
+        })
+    }
+
+    /// Tells peers which networks the node serves now.
+    fn networks_changed(&self) {
+        if let Some(federation) = &self.federation {
+            federation.set_local(self.inner().networks.keys().copied().collect());
         }
     }
 
@@ -384,6 +479,7 @@ impl Node {
             return Err(refused(ErrorKind::Exists, format!("network {net} exists already")));
         }
         self.open_network(net).map_err(|e| refused(ErrorKind::Internal, format!("{e:#}")))?;
+        self.networks_changed();
         self.update_state(|state| {
             state.networks.insert(net);
         })
@@ -399,6 +495,7 @@ impl Node {
             task.abort();
         }
         close_network_dir(&self.run_dir, net);
+        self.networks_changed();
         tracing::info!(net, ports = ports.len(), "network removed");
         self.update_state(|state| {
             state.networks.remove(&net);
@@ -438,7 +535,8 @@ impl Node {
             counters: Default::default(),
         };
         let client = name.to_string();
-        let new = NewPort { id, kind: PortKind::Tap, net, client, pid: None, fd };
+        let link = Link::Device(fd);
+        let new = NewPort { id, kind: PortKind::Tap, net, client, pid: None, link };
         self.switch.send(Command::AddPort { port: new, attached: None });
         self.inner().taps.insert(name.to_string(), TapPort { id, created });
         tracing::info!(tap = name, net, created, "tap port opened");

@@ -63,6 +63,20 @@ pub enum Request {
         /// Only this network.
         net: Option<NetworkId>,
     },
+    /// Every peer with its state and counters.
+    PeerList,
+    /// Adds a peer the node dials, and persists it.
+    PeerAdd {
+        /// The peer's node name, as in its certificate.
+        name: String,
+        /// Where it listens, `HOST:PORT`.
+        address: String,
+    },
+    /// Removes a peer and closes its connection.
+    PeerRm {
+        /// The peer's node name.
+        name: String,
+    },
 }
 
 /// What a node answers: a [`Reply`] or an [`Error`].
@@ -87,6 +101,8 @@ pub enum Reply {
     Ports(Vec<Port>),
     /// Answer to [`Request::Fdb`].
     Fdb(Vec<FdbEntry>),
+    /// Answer to [`Request::PeerList`] and [`Request::PeerAdd`].
+    Peers(Vec<Peer>),
     /// Answer to requests that return nothing.
     Done,
 }
@@ -211,6 +227,8 @@ pub enum PortKind {
     Bess,
     /// A tap device: the host joins the network.
     Tap,
+    /// Another node, for one network both serve.
+    Peer,
 }
 
 impl std::fmt::Display for PortKind {
@@ -220,6 +238,7 @@ impl std::fmt::Display for PortKind {
             PortKind::Vde => "vde",
             PortKind::Bess => "bess",
             PortKind::Tap => "tap",
+            PortKind::Peer => "peer",
         })
     }
 }
@@ -277,6 +296,74 @@ impl Drops {
     pub fn total(&self) -> u64 {
         self.runt + self.oversize + self.bad_source + self.queue_full + self.send_error
     }
+}
+
+/// How a peer connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerState {
+    /// Connected: frames flow.
+    Connected,
+    /// Dialing, or waiting to dial again.
+    Connecting,
+    /// Known only from an inbound connection that has closed.
+    Disconnected,
+}
+
+impl std::fmt::Display for PeerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PeerState::Connected => "connected",
+            PeerState::Connecting => "connecting",
+            PeerState::Disconnected => "disconnected",
+        })
+    }
+}
+
+/// One peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Its node name.
+    pub name: String,
+    /// Whether the node dials it (it is configured), or only accepts it.
+    pub configured: bool,
+    /// Connection state.
+    pub state: PeerState,
+    /// Its address: configured, or where the connection comes from.
+    pub address: Option<String>,
+    /// Networks both serve and the peer may carry.
+    pub networks: Vec<NetworkId>,
+    /// Round-trip time in microseconds, when connected.
+    pub rtt_us: Option<u64>,
+    /// Seconds since the connection was made.
+    pub uptime_secs: Option<u64>,
+    /// Largest datagram the connection carries now, in bytes.
+    pub max_datagram: Option<usize>,
+    /// Traffic and drops.
+    pub counters: PeerCounters,
+    /// Why the last connection or attempt ended.
+    pub last_error: Option<String>,
+}
+
+/// Traffic with one peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCounters {
+    /// Frames received from the peer and switched.
+    pub rx_frames: u64,
+    /// Bytes of those frames.
+    pub rx_bytes: u64,
+    /// Frames sent to the peer.
+    pub tx_frames: u64,
+    /// Bytes of those frames.
+    pub tx_bytes: u64,
+    /// Datagrams from the peer that did not parse, or fragments that did not fit together.
+    pub malformed: u64,
+    /// Frames from the peer for a network it does not share with this node or may not carry.
+    pub not_allowed: u64,
+    /// Incomplete frames given up.
+    pub reassembly: u64,
+    /// Frames that could not be sent: too large, or the connection failed.
+    pub send_failed: u64,
 }
 
 /// One learned MAC address.

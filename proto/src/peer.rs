@@ -294,6 +294,10 @@ pub enum Message {
     Hello {
         /// [`PROTOCOL_VERSION`].
         version: u32,
+        /// A number the sending node picks at random each time it starts. Two connections from
+        /// the same instance were dialed at once; a connection from a new instance means the
+        /// peer restarted and any older connection to it is dead.
+        instance: u64,
     },
     /// The networks the sender serves; replaces any earlier list.
     Networks {
@@ -446,5 +450,16 @@ mod tests {
         assert_eq!(Message::decode(&bytes[4..]).unwrap(), message);
         assert!(Message::check_len(u32::MAX.to_be_bytes()).is_err());
         assert!(Message::decode(b"{\"message\":\"reboot\"}").is_err());
+    }
+
+    #[test]
+    fn a_hello_round_trips_with_its_length_prefix() {
+        let hello = Message::Hello { version: PROTOCOL_VERSION, instance: 0x0123_4567_89ab_cdef };
+        let bytes = hello.encode();
+        let len = Message::check_len(bytes[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, bytes.len() - 4);
+        assert_eq!(Message::decode(&bytes[4..]).unwrap(), hello);
+        let text = std::str::from_utf8(&bytes[4..]).unwrap();
+        assert_eq!(text, r#"{"message":"hello","version":1,"instance":81985529216486895}"#);
     }
 }

@@ -13,10 +13,10 @@
 mod bridge;
 mod port;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,8 +28,9 @@ use umnet_proto::admin::{self, ErrorKind, FdbEntry, NetworkId, PortKind};
 use umnet_proto::ethernet::{Header, HEADER_LEN};
 
 use self::bridge::{Bridge, Decision, Learned};
-pub(crate) use self::port::MIN_QUEUE;
-use self::port::{Io, Port, Sent, RESUME_AT, STUCK_AFTER};
+pub(crate) use self::port::{Link, MIN_QUEUE};
+use self::port::{Port, Sent, RESUME_AT, STUCK_AFTER};
+use crate::peers::{PeerId, PeerLinkFactory, PeerStats};
 use crate::rejects::RejectCounters;
 use crate::sys::{self, RecvBatch};
 
@@ -84,7 +85,7 @@ pub(crate) struct NewPort {
     pub(crate) net: NetworkId,
     pub(crate) client: String,
     pub(crate) pid: Option<u32>,
-    pub(crate) fd: OwnedFd,
+    pub(crate) link: Link,
 }
 
 /// One network's switching state, as the admin interface reports it.
@@ -136,6 +137,23 @@ pub(crate) enum Command {
         net: Option<NetworkId>,
         reply: Reply<AdminResult<Vec<FdbEntry>>>,
     },
+    /// Gives a connected peer one port for each network in `nets`, and takes away the rest.
+    SetPeer {
+        peer: PeerId,
+        name: String,
+        link: PeerLinkFactory,
+        nets: BTreeSet<NetworkId>,
+    },
+    /// Removes every port of a peer whose connection closed.
+    DropPeer {
+        peer: PeerId,
+    },
+    /// A frame a peer sent for network `net`.
+    PeerFrame {
+        peer: PeerId,
+        net: NetworkId,
+        frame: Vec<u8>,
+    },
     Shutdown,
 }
 
@@ -144,6 +162,8 @@ pub(crate) enum Command {
 pub(crate) struct Handle {
     commands: mpsc::Sender<Command>,
     waker: Arc<Waker>,
+    /// Set while a wake-up is pending, so a burst of commands (frames from a peer) costs one.
+    woken: Arc<AtomicBool>,
     ids: Arc<AtomicU32>,
 }
 
@@ -151,7 +171,7 @@ impl Handle {
     /// Sends a command and wakes the thread.
     pub(crate) fn send(&self, command: Command) {
         // Both fail only once the thread has exited, when there is nobody left to tell.
-        if self.commands.send(command).is_ok() {
+        if self.commands.send(command).is_ok() && !self.woken.swap(true, Ordering::AcqRel) {
             let _ = self.waker.wake();
         }
     }
@@ -210,13 +230,17 @@ pub(crate) fn spawn(
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (commands, receiver) = mpsc::channel();
-    let handle = Handle { commands, waker, ids: Arc::new(AtomicU32::new(1)) };
-    let ids = handle.ids.clone();
+    let woken = Arc::new(AtomicBool::new(false));
+    let ids = Arc::new(AtomicU32::new(1));
+    let handle = Handle { commands, waker, woken: woken.clone(), ids: ids.clone() };
     let batch = RecvBatch::new(BATCH, config.max_frame + 1);
     let switch = Switch {
         poll,
         commands: receiver,
+        woken,
         ids,
+        peer_ports: HashMap::new(),
+        peer_stats: HashMap::new(),
         networks: BTreeMap::new(),
         ports: HashMap::new(),
         ready: VecDeque::new(),
@@ -234,7 +258,12 @@ pub(crate) fn spawn(
 struct Switch {
     poll: Poll,
     commands: mpsc::Receiver<Command>,
+    woken: Arc<AtomicBool>,
     ids: Arc<AtomicU32>,
+    /// The port of each peer and network.
+    peer_ports: HashMap<(PeerId, NetworkId), PortId>,
+    /// Counters of each connected peer, for frames that reach no port.
+    peer_stats: HashMap<PeerId, Arc<PeerStats>>,
     networks: BTreeMap<NetworkId, Network>,
     ports: HashMap<PortId, Port>,
     /// Ports with frames left to read after their last turn.
@@ -380,10 +409,11 @@ impl Switch {
             if port.paused {
                 return false;
             }
-            let (fd, io) = (port.fd(), port.io());
-            let outcome = match io {
-                Io::Socket => self.receive_batch(id, fd),
-                Io::Device => self.receive_device(id, fd),
+            let outcome = match port.link() {
+                Link::Socket(fd) => self.receive_batch(id, fd.as_raw_fd()),
+                Link::Device(fd) => self.receive_device(id, fd.as_raw_fd()),
+                // Frames from peers come through the inbox.
+                Link::Peer(_) => Ok(false),
             };
             match outcome {
                 Ok(true) => {}
@@ -476,12 +506,14 @@ impl Switch {
             let id = self.ids.fetch_add(1, Ordering::Relaxed);
             let pid = sys::peer_credentials(fd.as_raw_fd()).map(|(pid, _)| pid);
             let client = String::from("UML vector (bess)");
-            self.add_port(NewPort { id, kind: PortKind::Bess, net, client, pid, fd });
+            let link = Link::Socket(fd);
+            self.add_port(NewPort { id, kind: PortKind::Bess, net, client, pid, link });
         }
     }
 
     /// Runs queued commands. Returns false when the thread must stop.
     fn run_commands(&mut self) -> bool {
+        self.woken.store(false, Ordering::Release);
         while let Ok(command) = self.commands.try_recv() {
             match command {
                 Command::AddNetwork { net, bess } => self.add_network(net, bess),
@@ -514,10 +546,89 @@ impl Switch {
                 Command::Fdb { net, reply } => {
                     let _ = reply.send(self.fdb(net));
                 }
+                Command::SetPeer { peer, name, link, nets } => {
+                    self.set_peer(peer, &name, &link, &nets)
+                }
+                Command::DropPeer { peer } => {
+                    self.set_peer_ports(peer, "", None, &BTreeSet::new());
+                    self.peer_stats.remove(&peer);
+                }
+                Command::PeerFrame { peer, net, frame } => self.peer_frame(peer, net, &frame),
                 Command::Shutdown => return false,
             }
         }
         true
+    }
+
+    fn set_peer(
+        &mut self,
+        peer: PeerId,
+        name: &str,
+        link: &PeerLinkFactory,
+        nets: &BTreeSet<NetworkId>,
+    ) {
+        self.peer_stats.insert(peer, link.stats().clone());
+        self.set_peer_ports(peer, name, Some(link), nets);
+    }
+
+    /// Makes the ports of `peer` those of `nets`.
+    fn set_peer_ports(
+        &mut self,
+        peer: PeerId,
+        name: &str,
+        link: Option<&PeerLinkFactory>,
+        nets: &BTreeSet<NetworkId>,
+    ) {
+        let stale: Vec<((PeerId, NetworkId), PortId)> = self
+            .peer_ports
+            .iter()
+            .filter(|((p, net), _)| *p == peer && !nets.contains(net))
+            .map(|(key, id)| (*key, *id))
+            .collect();
+        for (key, id) in stale {
+            self.peer_ports.remove(&key);
+            self.remove_port(id);
+        }
+        let Some(link) = link else { return };
+        for &net in nets {
+            if self.peer_ports.contains_key(&(peer, net)) || !self.networks.contains_key(&net) {
+                continue;
+            }
+            let id = self.ids.fetch_add(1, Ordering::Relaxed);
+            let new = NewPort {
+                id,
+                kind: PortKind::Peer,
+                net,
+                client: name.to_string(),
+                pid: None,
+                link: Link::Peer(link.link()),
+            };
+            if self.add_port(new) {
+                self.peer_ports.insert((peer, net), id);
+            }
+        }
+    }
+
+    fn peer_frame(&mut self, peer: PeerId, net: NetworkId, frame: &[u8]) {
+        let Some(&id) = self.peer_ports.get(&(peer, net)) else {
+            if let Some(stats) = self.peer_stats.get(&peer) {
+                stats.not_allowed.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::debug!(peer, net, "frame from a peer for a network it does not carry");
+            return;
+        };
+        if let Some(stats) = self.peer_stats.get(&peer) {
+            stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+            stats.rx_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        }
+        switch_frame(
+            &mut self.ports,
+            &mut self.networks,
+            &mut self.malformed_warnings,
+            &mut self.congested,
+            &self.config,
+            Ingress { id, frame, oversize: false, now: Instant::now() },
+        );
     }
 
     fn add_network(&mut self, net: NetworkId, bess: OwnedFd) {
@@ -541,12 +652,17 @@ impl Switch {
         let Some(network) = self.networks.get(&net) else {
             return Err(admin::Error::new(ErrorKind::NotFound, format!("no network {net}")));
         };
-        if !network.ports.is_empty() && !force {
+        let local = network
+            .ports
+            .iter()
+            .filter(|id| self.ports.get(id).is_some_and(|p| p.kind != PortKind::Peer))
+            .count();
+        if local > 0 && !force {
             return Err(admin::Error::new(
                 ErrorKind::Busy,
                 format!(
                     "network {net} has {} port(s) attached; move or remove them, or use --force",
-                    network.ports.len()
+                    local
                 ),
             ));
         }
@@ -554,6 +670,7 @@ impl Switch {
         for &port in &ports {
             self.remove_port(port);
         }
+        self.peer_ports.retain(|(_, n), _| *n != net);
         if let Some(network) = self.networks.remove(&net) {
             let _ = self.poll.registry().deregister(&mut SourceFd(&network.bess.as_raw_fd()));
         }
@@ -575,13 +692,13 @@ impl Switch {
             tracing::warn!(port = new.id, net = new.net, "network vanished; port closed");
             return false;
         };
-        let token = Token(new.id as usize);
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(error) =
-            self.poll.registry().register(&mut SourceFd(&new.fd.as_raw_fd()), token, interest)
-        {
-            tracing::error!(port = new.id, %error, "cannot watch the port; closed");
-            return false;
+        if let Some(fd) = new.link.fd() {
+            let token = Token(new.id as usize);
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            if let Err(error) = self.poll.registry().register(&mut SourceFd(&fd), token, interest) {
+                tracing::error!(port = new.id, %error, "cannot watch the port; closed");
+                return false;
+            }
         }
         network.ports.push(new.id);
         tracing::info!(
@@ -598,7 +715,7 @@ impl Switch {
             new.net,
             new.client,
             new.pid,
-            new.fd,
+            new.link,
             self.config.queue_len,
         );
         self.ports.insert(new.id, port);
@@ -609,7 +726,9 @@ impl Switch {
 
     fn remove_port(&mut self, id: PortId) -> Option<admin::Port> {
         let port = self.ports.remove(&id)?;
-        let _ = self.poll.registry().deregister(&mut SourceFd(&port.fd()));
+        if let Some(fd) = port.link().fd() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        }
         self.resume(port.waiters.clone());
         self.malformed_warnings.remove(&id);
         if let Some(network) = self.networks.get_mut(&port.net) {
@@ -759,13 +878,17 @@ fn switch_frame(
     }
 
     // Step 3: forward, or flood to every other port of the same network.
+    // A frame from a peer never goes to another peer (split horizon).
+    let from_peer = ports.get(&id).is_some_and(|port| port.kind == PortKind::Peer);
     let mut pause = false;
     match network.bridge.decide(header.destination, id, now) {
-        Decision::Forward(out) => pause = transmit(ports, congested, id, out, frame, now),
+        Decision::Forward(out) => {
+            pause = transmit(ports, congested, id, out, from_peer, frame, now);
+        }
         Decision::Flood => {
             for &out in &network.ports {
                 if out != id {
-                    pause |= transmit(ports, congested, id, out, frame, now);
+                    pause |= transmit(ports, congested, id, out, from_peer, frame, now);
                 }
             }
         }
@@ -786,10 +909,14 @@ fn transmit(
     congested: &mut Vec<PortId>,
     ingress: PortId,
     out: PortId,
+    from_peer: bool,
     frame: &[u8],
     now: Instant,
 ) -> bool {
     let Some(port) = ports.get_mut(&out) else { return false };
+    if from_peer && port.kind == PortKind::Peer {
+        return false;
+    }
     if port.transmit(frame) == Sent::Delivered || !port.congested() {
         return false;
     }
@@ -871,7 +998,7 @@ mod tests {
                 net,
                 client: "test".into(),
                 pid: None,
-                fd: ours.into(),
+                link: Link::Socket(ours.into()),
             };
             self.handle.send(Command::AddPort { port, attached: None });
             (id, theirs)

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use umnet_proto::admin::{self, NetworkId, PortCounters, PortKind};
 
 use super::PortId;
+use crate::peers::PeerLink;
 use crate::sys;
 
 /// Frames queued for a port before it pauses the ports sending to it: one receive batch. The
@@ -39,21 +40,23 @@ pub(crate) const RESUME_AT: usize = 8;
 /// as stuck.
 pub(crate) const STUCK_AFTER: Duration = Duration::from_millis(20);
 
-/// How frames are read from and written to a port's descriptor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Io {
+/// How frames reach a port's client.
+#[derive(Debug)]
+pub(crate) enum Link {
     /// A datagram or sequenced-packet socket: batched `recvmmsg`, `send`.
-    Socket,
+    Socket(OwnedFd),
     /// A character device (tap): `read` and `write`, one frame each.
-    Device,
+    Device(OwnedFd),
+    /// Another node: frames go out as QUIC datagrams and come in through the peer inbox.
+    Peer(PeerLink),
 }
 
-impl Io {
-    /// The I/O style of a port kind.
-    pub(crate) fn of(kind: PortKind) -> Self {
-        match kind {
-            PortKind::Uml | PortKind::Vde | PortKind::Bess => Io::Socket,
-            PortKind::Tap => Io::Device,
+impl Link {
+    /// The descriptor the switch thread waits on, if any.
+    pub(crate) fn fd(&self) -> Option<RawFd> {
+        match self {
+            Link::Socket(fd) | Link::Device(fd) => Some(fd.as_raw_fd()),
+            Link::Peer(_) => None,
         }
     }
 }
@@ -89,8 +92,7 @@ pub(crate) struct Port {
     pub(crate) congested_since: Option<Instant>,
     /// The port stopped draining: it pauses nobody until its queue empties.
     pub(crate) stuck: bool,
-    io: Io,
-    fd: OwnedFd,
+    link: Link,
     queue: VecDeque<Box<[u8]>>,
     queue_limit: usize,
 }
@@ -103,7 +105,7 @@ impl Port {
         net: NetworkId,
         client: String,
         pid: Option<u32>,
-        fd: OwnedFd,
+        link: Link,
         queue_limit: usize,
     ) -> Self {
         Port {
@@ -118,19 +120,14 @@ impl Port {
             waiters: Vec::new(),
             congested_since: None,
             stuck: false,
-            io: Io::of(kind),
-            fd,
+            link,
             queue: VecDeque::new(),
             queue_limit,
         }
     }
 
-    pub(crate) fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
-    pub(crate) fn io(&self) -> Io {
-        self.io
+    pub(crate) fn link(&self) -> &Link {
+        &self.link
     }
 
     /// Sends `frame` to the client, or queues it if the client's socket is full.
@@ -190,9 +187,10 @@ impl Port {
     }
 
     fn write(&mut self, frame: &[u8]) -> io::Result<()> {
-        match self.io {
-            Io::Socket => sys::send(self.fd(), frame)?,
-            Io::Device => sys::write(self.fd(), frame)?,
+        match &mut self.link {
+            Link::Socket(fd) => sys::send(fd.as_raw_fd(), frame)?,
+            Link::Device(fd) => sys::write(fd.as_raw_fd(), frame)?,
+            Link::Peer(link) => link.send(self.net, frame)?,
         };
         self.counters.tx_frames += 1;
         self.counters.tx_bytes += frame.len() as u64;
@@ -225,7 +223,8 @@ mod tests {
     fn port_pair(queue_limit: usize) -> (Port, UnixDatagram) {
         let (ours, theirs) = UnixDatagram::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let port = Port::new(1, PortKind::Uml, 100, "test".into(), None, ours.into(), queue_limit);
+        let link = Link::Socket(ours.into());
+        let port = Port::new(1, PortKind::Uml, 100, "test".into(), None, link, queue_limit);
         (port, theirs)
     }
 

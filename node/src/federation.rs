@@ -1,0 +1,106 @@
+//! Starting federation: the node's identity, its TLS configurations and its QUIC endpoint.
+//!
+//! A node with no identity runs single-host and says how to get one. [`crate::peers`] runs the
+//! connections once the endpoint is up.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+
+use crate::config::{Config, Inbound};
+use crate::peers::Settings;
+
+/// Name of the identity bundle in the state directory.
+pub(crate) const IDENTITY_FILE: &str = "identity.pem";
+
+/// How often the dialing side of a connection proves it is alive; well below the idle timeout
+/// and the 30 s a NAT binding commonly lasts.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// How long a silent connection lives: a stopped peer is noticed within this.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Queued outgoing datagrams per connection. quinn drops the oldest when it is full, as a
+/// switch port would; 1 MiB (its default) would hold over half a second at 10 Gbit/s of
+/// 1500-byte frames, far more queueing than a switch should add.
+const DATAGRAM_SEND_BUFFER: usize = 256 * 1024;
+
+/// Loads the identity and opens the QUIC endpoint, or returns `None` when the node has no
+/// identity and none was asked for.
+pub(crate) fn start(
+    config: &Config,
+    identity: &Option<PathBuf>,
+    listen: &Option<String>,
+    state_dir: &Path,
+) -> anyhow::Result<Option<(Settings, quinn::Endpoint, quinn::ClientConfig)>> {
+    let explicit = identity.clone().or_else(|| config.federation.identity.clone());
+    let path = explicit.clone().unwrap_or_else(|| state_dir.join(IDENTITY_FILE));
+    if explicit.is_none() && !path.exists() {
+        tracing::info!(
+            expected = %path.display(),
+            "no identity: running single-host. To join a cluster, issue one with `umnet ca \
+             issue NAME` on the CA host and start the node with --identity FILE"
+        );
+        return Ok(None);
+    }
+    let identity = umnet_certs::Identity::load(&path)
+        .with_context(|| format!("cannot use identity {}", path.display()))?;
+    let info = identity.info().clone();
+    if info.expires_within(Duration::ZERO, SystemTime::now()) {
+        bail!("the certificate of {} has expired; issue a new one", path.display());
+    }
+    if info.expires_within(umnet_certs::EXPIRY_WARNING, SystemTime::now()) {
+        tracing::warn!(name = %info.name, "the node certificate expires within 30 days; renew it");
+    }
+
+    let revocations = Arc::new(umnet_certs::Revocations::new());
+    revocations
+        .replace(&config.federation.revoked_names, &config.federation.revoked_fingerprints)
+        .context("bad revocation list in the config")?;
+    let server = umnet_certs::server_config(&identity, revocations.clone())?;
+    let client = umnet_certs::client_config(&identity, revocations)?;
+
+    let transport = Arc::new(transport());
+    let server = quinn::crypto::rustls::QuicServerConfig::try_from(server)
+        .context("the TLS configuration cannot carry QUIC")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+    server.transport_config(transport.clone());
+    let client = quinn::crypto::rustls::QuicClientConfig::try_from(client)
+        .context("the TLS configuration cannot carry QUIC")?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client));
+    client.transport_config(transport);
+
+    let listen = listen.clone().unwrap_or_else(|| config.federation.listen.clone());
+    let address: SocketAddr =
+        listen.parse().with_context(|| format!("--listen {listen:?} is not ADDRESS:PORT"))?;
+    let endpoint = quinn::Endpoint::server(server, address)
+        .with_context(|| format!("cannot listen for peers on UDP {address}"))?;
+    tracing::info!(name = %info.name, listen = %endpoint.local_addr()?, "listening for peers");
+
+    let allowed: BTreeMap<u32, BTreeSet<String>> = config
+        .networks
+        .iter()
+        .filter_map(|n| Some((n.id, n.peers.clone()?.into_iter().collect())))
+        .collect();
+    let settings = Settings {
+        name: info.name,
+        listed_only: config.federation.inbound == Inbound::Listed,
+        allowed,
+    };
+    Ok(Some((settings, endpoint, client)))
+}
+
+fn transport() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    // 15 s fits in a VarInt of milliseconds.
+    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
+    transport
+}
