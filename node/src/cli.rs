@@ -141,7 +141,15 @@ fn render(request: &Request, reply: &Reply) -> String {
 
 fn render_status(status: &admin::Status) -> String {
     let r = &status.rejects;
-    format!(
+    let federation = match &status.federation {
+        Some(f) => format!(
+            "node name        {}\npeer port        UDP {} (datagrams={} not-quic={} \
+             handshakes-failed={})\n",
+            f.name, f.listen, f.datagrams, f.not_quic, f.handshakes_failed
+        ),
+        None => "node name        none: single-host (no identity)\n".to_string(),
+    };
+    let text = format!(
         "umnet node {version}, pid {pid}, up {uptime} s\n\
          run directory    {run_dir}\n\
          state directory  {state_dir}\n\
@@ -165,7 +173,8 @@ fn render_status(status: &admin::Status) -> String {
         state_dir = status.state_dir,
         networks = status.networks,
         ports = status.ports,
-    )
+    );
+    text + &federation
 }
 
 fn render_networks(networks: &[admin::Network]) -> String {

@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 
 use crate::config::{Config, Inbound};
 use crate::peers::Settings;
+use crate::underlay::{self, UnderlayCounters};
 
 /// Name of the identity bundle in the state directory.
 pub(crate) const IDENTITY_FILE: &str = "identity.pem";
@@ -62,7 +63,7 @@ pub(crate) fn start(
         .replace(&config.federation.revoked_names, &config.federation.revoked_fingerprints)
         .context("bad revocation list in the config")?;
     let server = umnet_certs::server_config(&identity, revocations.clone())?;
-    let client = umnet_certs::client_config(&identity, revocations)?;
+    let client = umnet_certs::client_config(&identity, revocations.clone())?;
 
     let transport = Arc::new(transport());
     let server = quinn::crypto::rustls::QuicServerConfig::try_from(server)
@@ -77,7 +78,8 @@ pub(crate) fn start(
     let listen = listen.clone().unwrap_or_else(|| config.federation.listen.clone());
     let address: SocketAddr =
         listen.parse().with_context(|| format!("--listen {listen:?} is not ADDRESS:PORT"))?;
-    let endpoint = quinn::Endpoint::server(server, address)
+    let counters = Arc::new(UnderlayCounters::default());
+    let endpoint = underlay::endpoint(address, server, counters.clone())
         .with_context(|| format!("cannot listen for peers on UDP {address}"))?;
     tracing::info!(name = %info.name, listen = %endpoint.local_addr()?, "listening for peers");
 
@@ -90,6 +92,8 @@ pub(crate) fn start(
         name: info.name,
         listed_only: config.federation.inbound == Inbound::Listed,
         allowed,
+        counters,
+        revocations,
     };
     Ok(Some((settings, endpoint, client)))
 }

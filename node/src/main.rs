@@ -19,6 +19,7 @@ mod peers;
 mod rejects;
 mod switch;
 mod sys;
+mod underlay;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -91,7 +91,11 @@ pub(crate) fn run(options: Options) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let federation = FederationOptions { identity: options.identity, listen: options.listen };
+    let federation = FederationOptions {
+        identity: options.identity,
+        listen: options.listen,
+        config: options.config.clone(),
+    };
     let result =
         runtime.block_on(serve(config, state, run_dir.clone(), state_dir, socket_mode, federation));
     let _ = fs::remove_file(run_dir.join(LOCK_NAME));
@@ -104,6 +108,8 @@ pub(crate) fn run(options: Options) -> anyhow::Result<()> {
 struct FederationOptions {
     identity: Option<PathBuf>,
     listen: Option<String>,
+    /// The config file, read again on SIGHUP for its revocation list.
+    config: Option<PathBuf>,
 }
 
 async fn serve(
@@ -124,6 +130,7 @@ async fn serve(
     networks.sort_unstable();
     networks.dedup();
 
+    let config_path = federation.config.clone();
     let federation =
         crate::federation::start(&config, &federation.identity, &federation.listen, &state_dir)
             .map(|start| {
@@ -192,7 +199,7 @@ async fn serve(
     );
     let admin_task = tokio::spawn(crate::admin::serve(node.clone(), admin));
 
-    wait_for_signal().await?;
+    wait_for_signal(&node, config_path.as_deref()).await?;
     tracing::info!("stopping");
     admin_task.abort();
     if let Some(federation) = &node.federation {
@@ -208,15 +215,19 @@ async fn serve(
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for SIGINT or SIGTERM, applying the config's revocation list on each SIGHUP.
+async fn wait_for_signal(node: &Node, config: Option<&Path>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+            _ = hangup.recv() => node.reload(config),
+        }
     }
-    Ok(())
 }
 
 /// Networks and taps from the state directory, or the embedded default network when this
@@ -410,6 +421,39 @@ impl Node {
         })
     }
 
+    /// Reads the config file again and applies its revocation list: revoked peers are cut off
+    /// at once. A bad file changes nothing.
+    fn reload(&self, config: Option<&Path>) {
+        let Some(path) = config else {
+            tracing::warn!("SIGHUP: the node was started without --config; nothing to reload");
+            return;
+        };
+        let config = match Config::load(path) {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(config = %path.display(), "SIGHUP: config not reloaded: {error:#}");
+                return;
+            }
+        };
+        let Some(federation) = &self.federation else {
+            tracing::info!("SIGHUP: config read; this node has no identity, so no peers");
+            return;
+        };
+        let names = &config.federation.revoked_names;
+        let fingerprints = &config.federation.revoked_fingerprints;
+        match federation.revoke(names, fingerprints) {
+            Ok(closed) => tracing::info!(
+                names = names.len(),
+                fingerprints = fingerprints.len(),
+                closed,
+                "SIGHUP: revocation list applied"
+            ),
+            Err(error) => {
+                tracing::error!("SIGHUP: revocation list not applied: {error}");
+            }
+        }
+    }
+
     /// Tells peers which networks the node serves now.
     fn networks_changed(&self) {
         if let Some(federation) = &self.federation {
@@ -419,7 +463,7 @@ impl Node {
 
     async fn status(&self) -> Result<Reply, admin::Error> {
         let networks = self.switch.ask(|reply| Command::Networks { reply }).await?;
-        Ok(Reply::Status(admin::Status {
+        Ok(Reply::Status(Box::new(admin::Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -428,7 +472,8 @@ impl Node {
             networks: networks.len(),
             ports: networks.iter().map(|n| n.ports).sum(),
             rejects: self.rejects.snapshot(),
-        }))
+            federation: self.federation.as_ref().map(|f| f.status()),
+        })))
     }
 
     async fn networks(&self, only: Option<NetworkId>) -> Result<Vec<admin::Network>, admin::Error> {

@@ -22,11 +22,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::RecvStream;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::{watch, Notify};
 use umnet_proto::admin::{self, NetworkId, PeerCounters, PeerState};
 use umnet_proto::peer::{encode, Datagram, Message, Reassembled, Reassembly, PROTOCOL_VERSION};
 
 use crate::switch::{self, Command};
+use crate::underlay::UnderlayCounters;
 
 /// Identifies one connection to a peer, unique for the life of the node.
 pub(crate) type PeerId = u64;
@@ -142,6 +144,10 @@ pub(crate) struct Settings {
     pub(crate) listed_only: bool,
     /// Networks restricted to some peers: a peer not listed never carries their frames.
     pub(crate) allowed: BTreeMap<NetworkId, BTreeSet<String>>,
+    /// What arrives on the peer port.
+    pub(crate) counters: Arc<UnderlayCounters>,
+    /// Revoked names and certificates, checked at every handshake.
+    pub(crate) revocations: Arc<umnet_certs::Revocations>,
 }
 
 #[derive(Debug)]
@@ -215,6 +221,7 @@ impl Federation {
                 match incoming.await {
                     Ok(connection) => federation.connected(connection, false).await,
                     Err(error) => {
+                        add(&federation.settings.counters.handshakes_failed, 1);
                         tracing::warn!(%remote, reason = %error, "peer handshake failed")
                     }
                 }
@@ -307,6 +314,7 @@ impl Federation {
         match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
             Ok(Ok(connection)) => Ok(connection),
             Ok(Err(error)) => {
+                add(&self.settings.counters.handshakes_failed, 1);
                 tracing::warn!(peer = name, %address, reason = %error, "peer handshake failed");
                 Err(error.to_string())
             }
@@ -316,12 +324,8 @@ impl Federation {
 
     /// Takes a connection whose handshake succeeded, in either direction.
     async fn connected(self: Arc<Self>, connection: quinn::Connection, dialed: bool) {
-        let name = match connection.peer_identity().and_then(|identity| {
-            identity
-                .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-                .and_then(|certs| umnet_certs::peer_name(&certs))
-        }) {
+        let name = match certificates(&connection).and_then(|certs| umnet_certs::peer_name(&certs))
+        {
             Some(name) => name,
             None => {
                 tracing::warn!(remote = %connection.remote_address(), "peer without a node name");
@@ -581,6 +585,44 @@ impl Federation {
             .collect()
     }
 
+    /// Replaces the revocation list and closes the connections of peers it now revokes.
+    /// Returns how many were closed.
+    pub(crate) fn revoke(
+        &self,
+        names: &[String],
+        fingerprints: &[String],
+    ) -> Result<usize, umnet_certs::Error> {
+        let revocations = &self.settings.revocations;
+        revocations.replace(names, fingerprints)?;
+        let mut closed = 0;
+        for (name, entry) in self.peers().iter_mut() {
+            let Some(live) = &entry.live else { continue };
+            let revoked = certificates(&live.connection).is_none_or(|certs| {
+                certs.first().is_none_or(|c| revocations.is_revoked_certificate(c))
+            });
+            if revoked {
+                tracing::warn!(peer = %name, "peer revoked; closing its connection");
+                live.connection.close(6u32.into(), b"revoked");
+                entry.last_error = Some("revoked".into());
+                closed += 1;
+            }
+        }
+        Ok(closed)
+    }
+
+    /// The node's name, where it listens, and what arrived there, for `umnet status`.
+    pub(crate) fn status(&self) -> admin::FederationStatus {
+        let counters = &self.settings.counters;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        admin::FederationStatus {
+            name: self.settings.name.clone(),
+            listen: self.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            datagrams: get(&counters.datagrams),
+            not_quic: get(&counters.garbage),
+            handshakes_failed: get(&counters.handshakes_failed),
+        }
+    }
+
     /// Closes every connection, at shutdown, and waits briefly for peers to hear of it, so
     /// they drop their end at once instead of at the idle timeout.
     pub(crate) async fn close(&self) {
@@ -604,6 +646,11 @@ impl PeerLinkFactory {
     pub(crate) fn stats(&self) -> &Arc<PeerStats> {
         &self.stats
     }
+}
+
+/// The certificate chain the peer presented.
+fn certificates(connection: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
+    connection.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok().map(|certs| *certs)
 }
 
 /// Why no announcement could be read.

@@ -94,7 +94,7 @@ pub enum Response {
 #[serde(tag = "kind", content = "data", rename_all = "kebab-case")]
 pub enum Reply {
     /// Answer to [`Request::Status`].
-    Status(Status),
+    Status(Box<Status>),
     /// Answer to [`Request::NetList`] and [`Request::NetAdd`].
     Networks(Vec<Network>),
     /// Answer to [`Request::PortList`], [`Request::PortAddTap`] and [`Request::PortSet`].
@@ -164,6 +164,25 @@ pub struct Status {
     pub ports: usize,
     /// Refused clients and requests.
     pub rejects: Rejects,
+    /// Federation, when the node has an identity.
+    #[serde(default)]
+    pub federation: Option<FederationStatus>,
+}
+
+/// A node's federation endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FederationStatus {
+    /// The node's name, from its certificate.
+    pub name: String,
+    /// The UDP address it listens on for peers.
+    pub listen: String,
+    /// UDP datagrams received on that port.
+    pub datagrams: u64,
+    /// Of those, datagrams that cannot be QUIC for this node, dropped.
+    pub not_quic: u64,
+    /// Handshakes that failed: a certificate of another CA, expired or revoked, a wrong name,
+    /// or none.
+    pub handshakes_failed: u64,
 }
 
 /// Clients and requests a node refused, by reason.
