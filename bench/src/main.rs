@@ -55,9 +55,11 @@
 //! the others. The host's `net.unix.max_dgram_qlen` (default 10) bounds every switch's queues
 //! and is left alone; the header prints it with the kernel version and CPU count.
 
+mod cross;
 mod measure;
 mod noise;
 mod port;
+mod process;
 mod report;
 mod stamp;
 mod switch;
@@ -75,10 +77,15 @@ use crate::noise::CpuSnapshot;
 use crate::report::{Entry, Environment};
 use crate::switch::{Switch, SwitchKind};
 
-/// Side-by-side benchmark of local switching through UML's daemon transport.
+/// Side-by-side benchmark of umnet: local switching beside uml_switch and vde_switch, and
+/// two hosts beside tinc and kernel VXLAN.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
+    /// Suites to run: local (switching through UML's daemon transport), cross (two hosts).
+    #[arg(long, value_delimiter = ',', default_value = "local,cross")]
+    suites: Vec<Suite>,
+
     /// Switches to measure, in table order; the first is compared with the best of the others.
     #[arg(long, value_delimiter = ',', default_value = "umnet,uml_switch,vde_switch")]
     switches: Vec<SwitchKind>,
@@ -111,9 +118,34 @@ struct Cli {
     #[arg(long, default_value_t = 5000)]
     rtt_samples: usize,
 
+    /// Overlays for the cross-host suite, in table order; umnet is compared with each other.
+    #[arg(long, value_delimiter = ',', default_value = "umnet,tinc,vxlan")]
+    overlays: Vec<cross::System>,
+
+    /// Measurements of the cross-host suite.
+    #[arg(long, value_delimiter = ',', default_value = "tcp1,tcp4,udp64,ping")]
+    cross_only: Vec<cross::Measurement>,
+
+    /// Length of each iperf3 run of the cross-host suite, in seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60))]
+    cross_seconds: u64,
+
+    /// Echo requests per ping measurement of the cross-host suite (one every 10 ms).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(10..=10_000))]
+    pings: u32,
+
     /// Write the raw results and summaries to this file as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// The benchmark's two halves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Suite {
+    /// Local switching through UML's daemon transport: umnet, uml_switch, vde_switch.
+    Local,
+    /// Two hosts over veth: umnet, tinc, kernel VXLAN.
+    Cross,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -136,20 +168,90 @@ fn main() -> ExitCode {
 
 fn run(mut cli: Cli) -> Result<ExitCode> {
     install_signal_handlers();
+    dedup(&mut cli.suites);
     dedup(&mut cli.switches);
     dedup(&mut cli.only);
+    dedup(&mut cli.overlays);
+    dedup(&mut cli.cross_only);
     if cli.rates.contains(&0) {
         bail!("--rates must be positive");
     }
+    let umnet = cli.umnet.clone().unwrap_or_else(default_umnet);
+    let mut problems = Vec::new();
+    let mut json = serde_json::Map::new();
+
+    if cli.suites.contains(&Suite::Local) {
+        let (found, results) = local(&cli, &umnet)?;
+        problems.extend(found);
+        json.insert("local".into(), results);
+    }
+    if cli.suites.contains(&Suite::Cross) && !interrupted() {
+        let options = cross::Options {
+            systems: cli.overlays.clone(),
+            measurements: cli.cross_only.clone(),
+            rounds: cli.rounds,
+            duration: Duration::from_secs(cli.cross_seconds),
+            pings: cli.pings,
+            umnet: umnet.clone(),
+        };
+        let versions = cli.overlays.iter().map(|&system| {
+            (
+                system.name().to_string(),
+                match system {
+                    cross::System::Umnet => report::umnet_version(),
+                    cross::System::Tinc => report::package_version("tinc"),
+                    cross::System::Vxlan => "(kernel)".to_string(),
+                },
+            )
+        });
+        let environment = Environment::read(versions.collect());
+        println!("\numnet-bench: two hosts (network namespaces over veth)");
+        println!("{}", environment.header());
+        let estimate = cross_estimate(&cli);
+        println!(
+            "settings: {} round(s), {} s per iperf3 run, {} pings; about {estimate} s in all",
+            cli.rounds, cli.cross_seconds, cli.pings
+        );
+        let summary = cross::run(&options)?;
+        print!("{}", summary.text);
+        problems.extend(summary.problems);
+        let mut results = summary.json;
+        results["environment"] = environment.to_json();
+        json.insert("cross".into(), results);
+    }
+
+    if !problems.is_empty() {
+        println!("\nproblems:");
+        for problem in &problems {
+            println!("  {problem}");
+        }
+    }
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(json))?;
+        std::fs::write(path, text + "\n")
+            .map_err(|error| anyhow::anyhow!("writing {}: {error}", path.display()))?;
+        println!("\nraw results written to {}", path.display());
+    }
+
+    Ok(if interrupted() {
+        ExitCode::from(130)
+    } else if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The local suite: starts every switch, measures them in interleaved rounds, prints the
+/// tables; returns what went wrong and the raw results.
+fn local(cli: &Cli, umnet: &Path) -> Result<(Vec<String>, serde_json::Value)> {
     let settings = Settings {
         duration: Duration::from_millis(cli.duration_ms),
         rates: cli.rates.clone(),
         rtt_samples: cli.rtt_samples,
     };
-    let umnet = cli.umnet.clone().unwrap_or_else(default_umnet);
-
     // Step 1: describe the host and start every switch.
-    let environment = Environment::read(&cli.switches);
+    let environment = Environment::read(report::switch_versions(&cli.switches));
     println!("umnet-bench: local switching through UML's daemon transport");
     println!("{}", environment.header());
     println!(
@@ -160,13 +262,13 @@ fn run(mut cli: Cli) -> Result<ExitCode> {
         cli.only.iter().map(|t| t.letter()).collect::<Vec<_>>().join(","),
         settings.rates,
         settings.rtt_samples,
-        estimate_seconds(&cli, &settings),
+        estimate_seconds(cli, &settings),
     );
 
     let mut switches: Vec<Switch> = Vec::new();
     let mut starts: Vec<(SwitchKind, Result<libc::pid_t, String>)> = Vec::new();
     for &kind in &cli.switches {
-        match Switch::start(kind, &umnet) {
+        match Switch::start(kind, umnet) {
             Ok(switch) => {
                 let pid = switch.pid().unwrap_or(0);
                 println!(
@@ -196,13 +298,14 @@ fn run(mut cli: Cli) -> Result<ExitCode> {
                 }
                 let index = (offset + round as usize - 1) % switches.len();
                 let switch = &mut switches[index];
-                let before = CpuSnapshot::take(switch.pid());
+                let before = CpuSnapshot::take(switch.pid().as_slice());
                 let result = if switch.is_running() {
                     measure::run(test, switch, &settings).map_err(|error| format!("{error:#}"))
                 } else {
                     Err(format!("{} is no longer running{}", switch.kind, switch.log_tail()))
                 };
-                let foreign_cores = before.foreign_cores(&CpuSnapshot::take(switch.pid()));
+                let after = CpuSnapshot::take(switch.pid().as_slice());
+                let foreign_cores = before.foreign_cores(&after);
                 let entry = Entry { round, switch: switch.kind, test, result, foreign_cores };
                 eprintln!("{}", progress(&entry));
                 entries.push(entry);
@@ -226,28 +329,21 @@ fn run(mut cli: Cli) -> Result<ExitCode> {
     problems.extend(starts.iter().filter_map(|(kind, start)| {
         start.as_ref().err().map(|e| format!("{kind}: not started: {e}"))
     }));
-    if !problems.is_empty() {
-        println!("\nproblems:");
-        for problem in &problems {
-            println!("  {problem}");
-        }
-    }
+    let json = report::to_json(&environment, &settings, cli.rounds, &starts, &entries);
+    Ok((problems, json))
+}
 
-    if let Some(path) = &cli.json {
-        let json = report::to_json(&environment, &settings, cli.rounds, &starts, &entries);
-        let text = serde_json::to_string_pretty(&json)?;
-        std::fs::write(path, text + "\n")
-            .map_err(|error| anyhow::anyhow!("writing {}: {error}", path.display()))?;
-        println!("\nraw results written to {}", path.display());
-    }
-
-    Ok(if interrupted() {
-        ExitCode::from(130)
-    } else if problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+/// A rough upper bound of the cross-host suite's run time, set-up included.
+fn cross_estimate(cli: &Cli) -> u64 {
+    let per_overlay: u64 = cli
+        .cross_only
+        .iter()
+        .map(|measurement| match measurement {
+            cross::Measurement::Ping => u64::from(cli.pings) / 100 + 1,
+            _ => cli.cross_seconds + 1,
+        })
+        .sum();
+    per_overlay * cli.overlays.len() as u64 * u64::from(cli.rounds) + 60
 }
 
 /// `umnet` beside this binary, else the workspace's `target/release/umnet`.

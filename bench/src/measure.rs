@@ -18,8 +18,9 @@ use umnet_proto::ethernet::{Header, MacAddress};
 use crate::stamp::{frame, now_nanos, read_stamp, set_stream, stamp, Tally, ETHERTYPE};
 
 use crate::port::{Port, ReceiveBatch, RECEIVE_BUFFER};
+use crate::process;
 use crate::report::{Metric, Unit};
-use crate::switch::{self, Switch};
+use crate::switch::Switch;
 
 /// The stream number of the broadcast frame each port sends to make the switch learn its MAC.
 const HELLO_STREAM: u32 = u32::MAX;
@@ -122,7 +123,7 @@ fn unicast_flood(
     let (sender, receiver) = (&ports[0], &ports[1]);
     let token = next_token();
     let max_count = max_count(settings.duration);
-    let cpu_before = switch.pid().and_then(switch::cpu_time);
+    let cpu_before = switch.pid().and_then(process::cpu_time);
 
     let stop = AtomicBool::new(false);
     let (sent, tally) = thread::scope(|scope| {
@@ -135,7 +136,7 @@ fn unicast_flood(
     });
     let sent = sent?;
     let tally = tally?;
-    let cpu_after = switch.pid().and_then(switch::cpu_time);
+    let cpu_after = switch.pid().and_then(process::cpu_time);
 
     let seconds = sent.elapsed.as_secs_f64();
     let delivered = tally.distinct as f64 / seconds;
@@ -660,7 +661,7 @@ fn loss_percent(sent: u64, received: u64) -> f64 {
 }
 
 /// The `p`th percentile of `sorted` (nearest rank).
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }

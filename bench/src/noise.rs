@@ -2,13 +2,14 @@
 //!
 //! The switches, this tool's threads and everything else on the host share the same cores; a
 //! compiler running next door halves a switch's figures. Every measurement records the CPU time
-//! the host spent outside this tool and the switch under test, in cores, so that a noisy figure
-//! can be recognised as such instead of being mistaken for a property of the switch.
+//! the host spent outside this tool, the programs it ran and waited for (iperf3, ping), and the
+//! processes under test, in cores, so that a noisy figure can be recognised as such instead of
+//! being mistaken for a property of the system under test.
 
 use std::fs;
 use std::time::{Duration, Instant};
 
-use crate::switch;
+use crate::process;
 
 /// Above this many cores of foreign CPU use, a figure is marked as noisy.
 pub(crate) const NOISY_CORES: f64 = 0.2;
@@ -19,22 +20,22 @@ pub(crate) struct CpuSnapshot {
     at: Instant,
     busy: Option<Duration>,
     own: Option<Duration>,
-    switch: Option<Duration>,
+    watched: Option<Duration>,
 }
 
 impl CpuSnapshot {
-    /// Reads the counters of the whole host, of this process and of the switch `switch_pid`.
-    pub(crate) fn take(switch_pid: Option<libc::pid_t>) -> CpuSnapshot {
-        CpuSnapshot {
-            at: Instant::now(),
-            busy: host_busy(),
-            own: switch::cpu_time(std::process::id() as libc::pid_t),
-            switch: switch_pid.and_then(switch::cpu_time),
-        }
+    /// Reads the counters of the whole host, of this process with the children it has waited
+    /// for, and of the processes under test, `watched`.
+    pub(crate) fn take(watched: &[libc::pid_t]) -> CpuSnapshot {
+        let own = process::cpu_time(std::process::id() as libc::pid_t)
+            .zip(process::reaped_children_cpu_time())
+            .map(|(own, children)| own + children);
+        let watched = watched.iter().map(|&pid| process::cpu_time(pid)).sum();
+        CpuSnapshot { at: Instant::now(), busy: host_busy(), own, watched }
     }
 
-    /// Cores' worth of CPU used between `self` and `later` by neither this process nor the
-    /// switch.
+    /// Cores' worth of CPU used between `self` and `later` by neither this process, nor its
+    /// waited-for children, nor the processes under test.
     pub(crate) fn foreign_cores(&self, later: &CpuSnapshot) -> Option<f64> {
         let wall = later.at.duration_since(self.at).as_secs_f64();
         if wall <= 0.0 {
@@ -45,8 +46,8 @@ impl CpuSnapshot {
         };
         let busy = delta(self.busy, later.busy)?;
         let own = delta(self.own, later.own)?;
-        let switch = delta(self.switch, later.switch).unwrap_or(0.0);
-        Some(((busy - own - switch) / wall).max(0.0))
+        let watched = delta(self.watched, later.watched).unwrap_or(0.0);
+        Some(((busy - own - watched) / wall).max(0.0))
     }
 }
 

@@ -1,5 +1,5 @@
-//! Turning measurements into tables (one per metric: a row per switch, a column per round and
-//! the median, then a ratio line) and into the JSON file of raw results.
+//! Turning measurements into tables (one per metric: a row per switch or overlay, a column per
+//! round and the median, then ratio lines) and into the JSON file of raw results.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -25,6 +25,10 @@ pub(crate) enum Unit {
     Micros,
     /// CPU time per frame in microseconds; lower is better.
     MicrosPerFrame,
+    /// A latency in milliseconds; lower is better.
+    Millis,
+    /// CPU use in cores; lower is better.
+    Cores,
 }
 
 impl Unit {
@@ -40,14 +44,16 @@ impl Unit {
             Unit::Percent => format!("{value:.1}%"),
             Unit::Micros => format!("{value:.1}"),
             Unit::MicrosPerFrame => format!("{value:.2}"),
+            Unit::Millis => format!("{value:.3}"),
+            Unit::Cores => format!("{value:.2}"),
         }
     }
 
     /// How the ratio line names the best of the other switches.
     fn best_other(self) -> &'static str {
         match self {
-            Unit::Rate | Unit::Mbps | Unit::Micros => "fastest other",
-            Unit::Percent | Unit::MicrosPerFrame => "best other",
+            Unit::Rate | Unit::Mbps | Unit::Micros | Unit::Millis => "fastest other",
+            Unit::Percent | Unit::MicrosPerFrame | Unit::Cores => "best other",
         }
     }
 }
@@ -94,11 +100,13 @@ pub(crate) struct Environment {
     pub(crate) cpu_model: String,
     pub(crate) max_dgram_qlen: String,
     pub(crate) load_average: String,
-    pub(crate) versions: Vec<(SwitchKind, String)>,
+    /// What was measured and its version, as the header shows it.
+    pub(crate) versions: Vec<(String, String)>,
 }
 
 impl Environment {
-    pub(crate) fn read(switches: &[SwitchKind]) -> Environment {
+    /// Reads the host's facts; `versions` names each system measured and its version.
+    pub(crate) fn read(versions: Vec<(String, String)>) -> Environment {
         let read = |path: &str| fs::read_to_string(path).map(|s| s.trim().to_string());
         let cpu_model = read("/proc/cpuinfo")
             .unwrap_or_default()
@@ -116,7 +124,7 @@ impl Environment {
             max_dgram_qlen: read("/proc/sys/net/unix/max_dgram_qlen")
                 .unwrap_or_else(|_| "unknown".into()),
             load_average,
-            versions: switches.iter().map(|&kind| (kind, package_version(kind))).collect(),
+            versions,
         }
     }
 
@@ -136,9 +144,9 @@ impl Environment {
         )
     }
 
-    fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         let versions: HashMap<&str, &str> =
-            self.versions.iter().map(|(kind, version)| (kind.name(), version.as_str())).collect();
+            self.versions.iter().map(|(name, version)| (name.as_str(), version.as_str())).collect();
         json!({
             "kernel": self.kernel,
             "nproc": self.cpus,
@@ -150,13 +158,23 @@ impl Environment {
     }
 }
 
-/// The Debian package version of a switch, or of umnet the version of this workspace.
-fn package_version(kind: SwitchKind) -> String {
-    let package = match kind {
-        SwitchKind::Umnet => return format!("(workspace {})", env!("CARGO_PKG_VERSION")),
-        SwitchKind::UmlSwitch => "uml-utilities",
-        SwitchKind::VdeSwitch => "vde2",
+/// The versions of the switches, for [`Environment::read`].
+pub(crate) fn switch_versions(switches: &[SwitchKind]) -> Vec<(String, String)> {
+    let version = |kind: SwitchKind| match kind {
+        SwitchKind::Umnet => umnet_version(),
+        SwitchKind::UmlSwitch => package_version("uml-utilities"),
+        SwitchKind::VdeSwitch => package_version("vde2"),
     };
+    switches.iter().map(|&kind| (kind.name().to_string(), version(kind))).collect()
+}
+
+/// umnet is measured as built from this workspace.
+pub(crate) fn umnet_version() -> String {
+    format!("(workspace {})", env!("CARGO_PKG_VERSION"))
+}
+
+/// The installed version of a Debian package, as `(package version)`.
+pub(crate) fn package_version(package: &str) -> String {
     Command::new("dpkg-query")
         .args(["-W", "-f", "${Version}", package])
         .output()
@@ -171,9 +189,8 @@ pub(crate) fn tables(switches: &[SwitchKind], rounds: u32, entries: &[Entry]) ->
     let mut out = String::new();
     for (key, title, unit) in metric_keys(entries) {
         let table = Table::collect(&key, unit, switches, rounds, entries);
-        let better = if unit.higher_is_better() { "higher" } else { "lower" };
-        let _ = writeln!(out, "\n{title} ({better} is better)");
-        out.push_str(&table.render());
+        out.push_str(&table_title(&title, unit));
+        out.push_str(&table.render("switch"));
         if let Some(line) = table.ratio_line(switches) {
             let _ = writeln!(out, "  {line}");
         }
@@ -181,9 +198,20 @@ pub(crate) fn tables(switches: &[SwitchKind], rounds: u32, entries: &[Entry]) ->
     out
 }
 
+/// A table's heading line, with a blank line before it.
+pub(crate) fn table_title(title: &str, unit: Unit) -> String {
+    let better = if unit.higher_is_better() { "higher" } else { "lower" };
+    format!("\n{title} ({better} is better)\n")
+}
+
 /// A summary of how much other processes disturbed the run.
 pub(crate) fn noise(entries: &[Entry]) -> String {
     let loads: Vec<f64> = entries.iter().filter_map(|entry| entry.foreign_cores).collect();
+    noise_summary(&loads)
+}
+
+/// The same summary from the foreign load of each measurement.
+pub(crate) fn noise_summary(loads: &[f64]) -> String {
     let Some(max) = loads.iter().copied().reduce(f64::max) else { return String::new() };
     let mean = loads.iter().sum::<f64>() / loads.len() as f64;
     let noisy = loads.iter().filter(|&&load| load > NOISY_CORES).count();
@@ -243,7 +271,7 @@ pub(crate) fn to_json(
         .map(|(key, title, unit)| {
             let table = Table::collect(&key, unit, &switches, rounds, entries);
             let medians: HashMap<&str, Option<f64>> =
-                table.rows.iter().map(|row| (row.switch.name(), median(&row.values()))).collect();
+                table.rows.iter().map(|row| (row.name.as_str(), median(&row.values()))).collect();
             json!({
                 "key": key,
                 "title": title,
@@ -290,21 +318,22 @@ fn metric_keys(entries: &[Entry]) -> Vec<(String, String, Unit)> {
 
 /// What one table cell holds.
 #[derive(Clone, Debug)]
-enum Cell {
+pub(crate) enum Cell {
     /// The value, the count shown beside it, and whether the measurement was noisy.
     Value(f64, Option<f64>, bool),
     Failed,
     NotRun,
 }
 
+/// One switch's or overlay's figures, a cell per round.
 #[derive(Debug)]
-struct Row {
-    switch: SwitchKind,
-    cells: Vec<Cell>,
+pub(crate) struct Row {
+    pub(crate) name: String,
+    pub(crate) cells: Vec<Cell>,
 }
 
 impl Row {
-    fn values(&self) -> Vec<f64> {
+    pub(crate) fn values(&self) -> Vec<f64> {
         self.cells
             .iter()
             .filter_map(|cell| match cell {
@@ -325,14 +354,19 @@ impl Row {
     }
 }
 
+/// One metric: a row per switch or overlay, a column per round.
 #[derive(Debug)]
-struct Table {
+pub(crate) struct Table {
     unit: Unit,
     rounds: u32,
     rows: Vec<Row>,
 }
 
 impl Table {
+    pub(crate) fn new(unit: Unit, rounds: u32, rows: Vec<Row>) -> Table {
+        Table { unit, rounds, rows }
+    }
+
     fn collect(
         key: &str,
         unit: Unit,
@@ -361,7 +395,7 @@ impl Table {
                         }
                     })
                     .collect();
-                Row { switch, cells }
+                Row { name: switch.name().to_string(), cells }
             })
             .collect();
         Table { unit, rounds, rows }
@@ -374,14 +408,15 @@ impl Table {
         }
     }
 
-    fn render(&self) -> String {
+    /// The table as text; `what` heads the column of row names.
+    pub(crate) fn render(&self, what: &str) -> String {
         let mut lines: Vec<Vec<String>> = Vec::new();
-        let mut head = vec!["switch".to_string()];
+        let mut head = vec![what.to_string()];
         head.extend((1..=self.rounds).map(|round| format!("round {round} ")));
         head.push("median ".into());
         lines.push(head);
         for row in &self.rows {
-            let mut line = vec![row.switch.name().to_string()];
+            let mut line = vec![row.name.clone()];
             line.extend(row.cells.iter().map(|cell| match cell {
                 Cell::Value(value, count, noisy) => {
                     let mark = if *noisy { "*" } else { " " };
@@ -440,6 +475,27 @@ impl Table {
             .collect()
     }
 
+    /// Row `first`'s median over row `other`'s, and the same ratio within each round.
+    pub(crate) fn ratio_between(&self, first: usize, other: usize) -> RatioLine {
+        let (Some(first), Some(other)) = (self.rows.get(first), self.rows.get(other)) else {
+            return RatioLine { median: None, per_round: Vec::new() };
+        };
+        let divide = |a: Option<f64>, b: Option<f64>| {
+            let (a, b) = (a?, b?);
+            (b != 0.0).then_some(a / b)
+        };
+        let value = |row: &Row, round: usize| match row.cells.get(round) {
+            Some(Cell::Value(value, _, _)) => Some(*value),
+            _ => None,
+        };
+        RatioLine {
+            median: divide(median(&first.values()), median(&other.values())),
+            per_round: (0..self.rounds as usize)
+                .map(|round| divide(value(first, round), value(other, round)))
+                .collect(),
+        }
+    }
+
     fn best(&self, values: impl Iterator<Item = f64>) -> Option<f64> {
         if self.unit.higher_is_better() {
             values.reduce(f64::max)
@@ -465,6 +521,22 @@ impl Table {
             .map(|ratio| ratio.map_or("-".into(), |ratio| format!("{ratio:.2}x")))
             .collect();
         Some(format!("{label}: {ratio}   (per round: {})", per_round.join(" ")))
+    }
+}
+
+/// One row's figures over another's: the ratio of the medians and the ratio in each round.
+#[derive(Debug)]
+pub(crate) struct RatioLine {
+    pub(crate) median: Option<f64>,
+    pub(crate) per_round: Vec<Option<f64>>,
+}
+
+impl RatioLine {
+    /// `label: 1.23x   (per round: 1.20x 1.25x -)`.
+    pub(crate) fn render(&self, label: &str) -> String {
+        let ratio = |ratio: &Option<f64>| ratio.map_or("-".into(), |r| format!("{r:.2}x"));
+        let per_round: Vec<String> = self.per_round.iter().map(ratio).collect();
+        format!("{label}: {}   (per round: {})", ratio(&self.median), per_round.join(" "))
     }
 }
 
@@ -520,7 +592,7 @@ mod tests {
         assert_eq!(table.round_ratios(), vec![Some(2.0), None]);
         // Medians: umnet 200, uml_switch 100, vde_switch 87.5.
         assert_eq!(table.ratio(), Some(2.0));
-        let rendered = table.render();
+        let rendered = table.render("switch");
         assert!(rendered.contains("failed"), "{rendered}");
     }
 }

@@ -5,25 +5,20 @@
 //! sends SIGKILL if it is still there, and removes the directory.
 
 use std::fmt;
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Child, Command};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::port;
+use crate::process::{self, log_tail, spawn, TempDir};
 
 /// How long a switch may take to start listening on its control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a switch may take to exit after SIGTERM before it gets SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(2);
-
-static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 
 /// The switches this tool knows how to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -190,22 +185,7 @@ impl Switch {
 
     fn stop(&mut self) {
         match self.process.take() {
-            Some(Process::Child(mut child)) => {
-                if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                    // SAFETY: kill(2) on the pid of our own unreaped child, which cannot have
-                    // been reused.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
-                }
-                let deadline = Instant::now() + STOP_TIMEOUT;
-                while Instant::now() < deadline {
-                    if !matches!(child.try_wait(), Ok(None)) {
-                        return;
-                    }
-                    thread::sleep(Duration::from_millis(10));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            Some(Process::Child(mut child)) => process::stop_child(&mut child),
             Some(Process::Daemon(pid)) => {
                 // Re-check that the pid is still our vde_switch before every signal.
                 if !is_our_daemon(pid, &self.dir.path) {
@@ -213,7 +193,7 @@ impl Switch {
                 }
                 // SAFETY: kill(2) on a pid just checked to be the vde_switch we started.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
-                let deadline = Instant::now() + STOP_TIMEOUT;
+                let deadline = Instant::now() + process::STOP_TIMEOUT;
                 while Instant::now() < deadline {
                     if !daemon_alive(pid) {
                         return;
@@ -234,40 +214,6 @@ impl Drop for Switch {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// A directory under the system temp dir, removed with its contents on drop.
-#[derive(Debug)]
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new(label: &str) -> Result<TempDir> {
-        let number = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir()
-            .join(format!("umnet-bench.{}.{number}.{label}", std::process::id()));
-        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(TempDir { path })
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
-    }
-}
-
-fn spawn(command: &mut Command, log: &Path) -> Result<Child> {
-    let out = File::create(log)?;
-    let err = out.try_clone()?;
-    let program = command.get_program().to_string_lossy().into_owned();
-    command
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .with_context(|| format!("spawning {program}"))
 }
 
 fn wait_for_pid_file(pid_file: &Path, dir: &Path) -> Result<libc::pid_t> {
@@ -319,27 +265,4 @@ fn daemon_alive(pid: libc::pid_t) -> bool {
     // The state follows the parenthesised command name, which may itself contain spaces.
     let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
     !matches!(state, Some("Z") | Some("X") | None)
-}
-
-/// CPU time (user + system) consumed so far by process `pid`, all threads included.
-pub(crate) fn cpu_time(pid: libc::pid_t) -> Option<Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // After the command name: state is field 3 of proc(5), utime 14 and stime 15.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    // SAFETY: sysconf(3) with a valid name has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let ticks = u64::try_from(ticks).ok().filter(|&t| t > 0)?;
-    Some(Duration::from_nanos((utime + stime) * 1_000_000_000 / ticks))
-}
-
-fn log_tail(log: &Path) -> String {
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|line| !line.trim().is_empty()).collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let tail = &lines[lines.len().saturating_sub(8)..];
-    format!("; its output ends with:\n    {}", tail.join("\n    "))
 }
