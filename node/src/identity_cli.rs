@@ -228,7 +228,8 @@ fn render(info: &CertInfo) -> String {
         "valid"
     };
     format!(
-        "name         {}\nfingerprint  {}\nissuer       {}\nvalid from   {}\nvalid until  {} ({})\n",
+        "name         {}\nfingerprint  {}\nissuer       {}\nvalid from   {}\n\
+         valid until  {} ({})\n",
         info.name,
         info.fingerprint,
         info.issuer,

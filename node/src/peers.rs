@@ -390,7 +390,8 @@ impl Federation {
             entry.last_error = None;
             entry.stats.clone()
         };
-        tracing::info!(peer = %name, remote = %connection.remote_address(), dialed, "peer connected");
+        let remote = connection.remote_address();
+        tracing::info!(peer = %name, %remote, dialed, "peer connected");
 
         let listen = tokio::spawn(self.clone().listen(name.clone(), connection.clone(), stream));
         let receive =

@@ -10,6 +10,8 @@
 //! * [`Background`] keeps any other daemon (uml_switch, vde_switch) running for a test.
 //! * [`client::DaemonClient`] speaks the UML daemon protocol itself, to send what no guest
 //!   would.
+//! * [`TestPeer`] completes a real QUIC handshake with a node and then sends what no node
+//!   would.
 //! * [`wait_until`] and [`wait_for`] replace fixed sleeps with bounded polling.
 //!
 //! Everything here cleans up on drop, so a failing test leaves no namespace, link or process
@@ -28,6 +30,7 @@ pub mod client;
 pub mod guest;
 pub mod netns;
 pub mod node;
+pub mod peer;
 pub mod process;
 pub mod temp;
 pub mod wait;
@@ -35,6 +38,7 @@ pub mod wait;
 pub use guest::{mac, Guest, GuestConfig, PingStats};
 pub use netns::{Netns, Veth};
 pub use node::{umnet_bin, Node, NodeOptions};
+pub use peer::TestPeer;
 pub use process::{require_program, Background};
 pub use temp::TempDir;
 pub use wait::{wait_for, wait_until};

@@ -7,6 +7,9 @@
 //! delete what they created on drop; they kill nothing.
 
 use std::ffi::OsStr;
+use std::fs::File;
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Once;
@@ -85,6 +88,28 @@ impl Netns {
         self.ip(&["link", "set", iface, "up"])?;
         self.ip(&["addr", "add", cidr, "dev", iface])?;
         Ok(())
+    }
+
+    /// A UDP socket bound to `address` inside this namespace, for a test to send from.
+    ///
+    /// A socket belongs to the namespace it was created in for its whole life, so a short-lived
+    /// thread enters the namespace (`setns(2)` changes only the calling thread's), creates the
+    /// socket and hands it back.
+    pub fn udp_socket(&self, address: &str) -> Result<UdpSocket> {
+        let path = Path::new("/run/netns").join(&self.name);
+        let address = address.to_string();
+        let entered = std::thread::spawn(move || -> Result<UdpSocket> {
+            let namespace =
+                File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            // SAFETY: setns(2) on a namespace file we hold open; it affects only this thread,
+            // which ends right after making the socket.
+            if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("entering {}", path.display()));
+            }
+            UdpSocket::bind(&address).with_context(|| format!("binding UDP {address}"))
+        });
+        entered.join().map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
     }
 
     /// Whether `addr` answers a ping from this namespace, with a few tries to let ARP settle.

@@ -204,6 +204,17 @@ impl Node {
         process.kill()
     }
 
+    /// Replaces the node's config file with `toml` and sends SIGHUP, which makes a running node
+    /// read it again.
+    pub fn reconfigure(&mut self, toml: &str) -> Result<()> {
+        let path = self.config_path.get_or_insert_with(|| self.dir.join("umnet.toml")).clone();
+        std::fs::write(&path, toml).context("writing the node config file")?;
+        self.options.config = Some(toml.to_string());
+        let Some(pid) = self.pid() else { bail!("umnet node is not running") };
+        process::signal(pid, libc::SIGHUP, false);
+        Ok(())
+    }
+
     /// The node's PID, if it is running.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(Background::pid)

@@ -1,6 +1,7 @@
 //! Federation scenarios: hosts are network namespaces on one bridged underlay, each with a
 //! node holding an identity from a cluster CA made for the test.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use umnet_tests::process::run;
 use umnet_tests::{
-    mac, umnet_bin, wait_for, Guest, GuestConfig, Netns, Node, NodeOptions, TempDir, Veth,
+    mac, umnet_bin, wait_for, Guest, GuestConfig, Netns, Node, NodeOptions, TempDir, TestPeer, Veth,
 };
 
 const PEER_PORT: u16 = 7780;
@@ -77,16 +78,19 @@ fn address(i: usize) -> String {
     format!("10.200.0.{}:{PEER_PORT}", i + 1)
 }
 
-/// Starts a node on host `i` with `identity` and a config naming `peers` (index, name).
+/// Networks 100 and 101, open to every peer: what most nodes of these tests serve.
+const NETWORKS: &str = "[[network]]\nid = 100\n\n[[network]]\nid = 101\n";
+
+/// Starts a node on host `i` with `identity` and a config of `networks` (and whatever else
+/// it holds) and `peers` (index, name).
 fn start_node(
     underlay: &Underlay,
     i: usize,
     identity: &str,
     peers: &[(usize, &str)],
-    extra: &str,
+    networks: &str,
 ) -> Result<Node> {
-    let mut config = String::from("[[network]]\nid = 100\n\n[[network]]\nid = 101\n");
-    config.push_str(extra);
+    let mut config = networks.to_string();
     for (j, name) in peers {
         config.push_str(&format!("\n[[peer]]\nname = \"{name}\"\naddress = \"{}\"\n", address(*j)));
     }
@@ -120,10 +124,13 @@ fn guests_on_two_hosts_and_a_tap_on_a_third_share_network_100() -> Result<()> {
     let ca = Ca::new("test-cluster")?;
     let underlay = Underlay::new(&["a", "b", "c"], 1500)?;
     let names = ["a", "b", "c"];
+    // On a, network 101 is for c alone.
+    let a_networks = "[[network]]\nid = 100\n\n[[network]]\nid = 101\npeers = [\"c\"]\n";
+    let networks = [a_networks, NETWORKS, NETWORKS];
     let mut nodes = Vec::new();
     for i in 0..3 {
         let peers: Vec<(usize, &str)> = (0..3).filter(|&j| j != i).map(|j| (j, names[j])).collect();
-        nodes.push(start_node(&underlay, i, &ca.issue(names[i], 30)?, &peers, "")?);
+        nodes.push(start_node(&underlay, i, &ca.issue(names[i], 30)?, &peers, networks[i])?);
     }
     for (i, node) in nodes.iter().enumerate() {
         let others: Vec<&str> = (0..3).filter(|&j| j != i).map(|j| names[j]).collect();
@@ -154,6 +161,26 @@ fn guests_on_two_hosts_and_a_tap_on_a_third_share_network_100() -> Result<()> {
     g101.ip("eth0", "10.0.0.4/24")?;
     assert_eq!(ga.ping("10.0.0.4", 2)?.received, 0, "network 100 reached network 101");
 
+    // On a, network 101 is for c alone: a's tap on 101 reaches c's guest on 101, and b, which
+    // serves 101 too, gets none of a's frames of 101.
+    nodes[0].cli_ok(&["port", "add", "tap", "umtapa101", "--net", "101"])?;
+    nodes[1].cli_ok(&["port", "add", "tap", "umtapb101", "--net", "101"])?;
+    underlay.hosts[0].addr("umtapa101", "10.0.0.11/24")?;
+    underlay.hosts[1].addr("umtapb101", "10.0.0.12/24")?;
+    assert!(underlay.hosts[0].ping_ok("10.0.0.4")?, "a's tap on 101 cannot reach c's guest");
+    let link = underlay.hosts[0].ip(&["-o", "link", "show", "umtapa101"])?;
+    let tap_mac = link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1);
+    let tap_mac = tap_mac.context("no MAC address in `ip link show`")?.to_string();
+    let learned_on = |node: &Node| -> Result<bool> {
+        let fdb = node.cli_json(&["fdb", "--net", "101"])?;
+        Ok(fdb.as_array().into_iter().flatten().any(|e| e["mac"] == tap_mac.as_str()))
+    };
+    assert!(learned_on(&nodes[2])?, "c did not learn a's tap on 101");
+    assert!(!underlay.hosts[1].ping_ok("10.0.0.11")?, "b's tap on 101 reached a's");
+    assert!(!learned_on(&nodes[1])?, "b received a frame of a's network 101");
+    let peers = nodes[0].cli_json(&["peer", "list"])?;
+    assert_eq!(peer(&peers, "b").map(|p| &p["networks"]), Some(&serde_json::json!([100])));
+
     // Remote addresses are learned on the peer's port.
     let fdb = nodes[0].cli_json(&["fdb", "--net", "100"])?;
     let ports = nodes[0].cli_json(&["port", "list"])?;
@@ -180,8 +207,8 @@ fn guests_on_two_hosts_and_a_tap_on_a_third_share_network_100() -> Result<()> {
 fn an_underlay_mtu_of_1280_carries_full_frames() -> Result<()> {
     let ca = Ca::new("mtu")?;
     let underlay = Underlay::new(&["a", "b"], 1280)?;
-    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[(1, "b")], "")?;
-    let b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[(0, "a")], "")?;
+    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[(1, "b")], NETWORKS)?;
+    let b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
     wait_connected(&a, &["b"])?;
     let ga = Guest::boot(
         GuestConfig::new("ga").daemon(0, &mac(1), &a.ctl(100)).netns(&underlay.hosts[0]),
@@ -208,16 +235,16 @@ fn strangers_cannot_join_and_allowed_networks_hold() -> Result<()> {
     let ca = Ca::new("cluster")?;
     let foreign = Ca::new("foreign")?;
     let underlay = Underlay::new(&["a", "b", "x", "y", "z"], 1500)?;
-    let restrict = "\n[[network]]\nid = 102\npeers = [\"c\"]\n";
-    let a =
-        start_node(&underlay, 0, &ca.issue("a", 30)?, &[(1, "b")], "\n[[network]]\nid = 102\n")?;
-    let b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[(0, "a")], restrict)?;
+    let restrict = format!("{NETWORKS}\n[[network]]\nid = 102\npeers = [\"c\"]\n");
+    let with_102 = format!("{NETWORKS}\n[[network]]\nid = 102\n");
+    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[(1, "b")], &with_102)?;
+    let b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[(0, "a")], &restrict)?;
     wait_connected(&a, &["b"])?;
 
     // x: a certificate from another CA; y: an expired one; z: none at all (no identity, so
     // it cannot even dial). Each dials a.
-    let x = start_node(&underlay, 2, &foreign.issue("x", 30)?, &[(0, "a")], "")?;
-    let y = start_node(&underlay, 3, &ca.issue("y", 0)?, &[(0, "a")], "");
+    let x = start_node(&underlay, 2, &foreign.issue("x", 30)?, &[(0, "a")], NETWORKS)?;
+    let y = start_node(&underlay, 3, &ca.issue("y", 0)?, &[(0, "a")], NETWORKS);
     let z = Node::start(NodeOptions::new().netns(&underlay.hosts[4]))?;
     let refused = z.cli(&["peer", "add", "a", &address(0)])?;
     assert_eq!(refused.status.code(), Some(4), "a node without identity took a peer");
@@ -250,7 +277,7 @@ fn strangers_cannot_join_and_allowed_networks_hold() -> Result<()> {
 fn the_peer_cli_says_what_is_wrong() -> Result<()> {
     let ca = Ca::new("cli")?;
     let underlay = Underlay::new(&["a"], 1500)?;
-    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[], "")?;
+    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[], NETWORKS)?;
     for (args, message) in [
         (&["peer", "add", "Bad_Name", "10.200.0.9:7780"][..], "name"),
         (&["peer", "add", "b", "nowhere"], "HOST:PORT"),
@@ -269,5 +296,239 @@ fn the_peer_cli_says_what_is_wrong() -> Result<()> {
     let show = umnet(&["cert", "show", &ca.issue("c", 30)?])?;
     assert!(show.contains("name         c"), "{show}");
     assert!(show.contains("issuer       cli"), "{show}");
+    Ok(())
+}
+
+/// A datagram carrying a whole frame of network `net`, as [`umnet_proto::peer`] lays it out.
+fn frame_datagram(net: u32, frame: &[u8]) -> Vec<u8> {
+    let mut datagram = vec![umnet_proto::peer::FRAME];
+    datagram.extend_from_slice(&net.to_be_bytes());
+    datagram.extend_from_slice(frame);
+    datagram
+}
+
+/// A broadcast ARP-sized frame from `source`.
+fn broadcast_from(source: [u8; 6]) -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&source);
+    frame.extend_from_slice(&[0x08, 0x06]);
+    frame.resize(60, 0);
+    frame
+}
+
+fn counter(value: &Value, path: &[&str]) -> u64 {
+    path.iter().fold(value, |value, key| &value[*key]).as_u64().unwrap_or(0)
+}
+
+#[test]
+fn garbage_and_malformed_datagrams_are_counted_and_change_nothing() -> Result<()> {
+    let ca = Ca::new("garbage")?;
+    let underlay = Underlay::new(&["a", "b", "r"], 1500)?;
+    // Network 102 on a is for b alone.
+    let restricted = format!("{NETWORKS}\n[[network]]\nid = 102\npeers = [\"b\"]\n");
+    let with_102 = format!("{NETWORKS}\n[[network]]\nid = 102\n");
+    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[(1, "b")], &restricted)?;
+    let b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[(0, "a")], &with_102)?;
+    wait_connected(&a, &["b"])?;
+    a.cli_ok(&["port", "add", "tap", "gta", "--net", "100"])?;
+    b.cli_ok(&["port", "add", "tap", "gtb", "--net", "100"])?;
+    a.cli_ok(&["port", "add", "tap", "gta102", "--net", "102"])?;
+    underlay.hosts[0].addr("gta", "10.0.0.1/24")?;
+    underlay.hosts[1].addr("gtb", "10.0.0.2/24")?;
+    assert!(underlay.hosts[0].ping_ok("10.0.0.2")?, "a's tap cannot reach b's");
+    let uptime_of_b = |node: &Node| -> Result<u64> {
+        Ok(counter(
+            peer(&node.cli_json(&["peer", "list"])?, "b").context("b gone")?,
+            &["uptime_secs"],
+        ))
+    };
+    let b_since = uptime_of_b(&a)?;
+
+    // Step 1: datagrams that are no QUIC for a, from a host of nobody's.
+    let status = a.cli_json(&["status"])?;
+    let not_quic_before = counter(&status, &["federation", "not_quic"]);
+    let socket = underlay.hosts[2].udp_socket("0.0.0.0:0")?;
+    let mut short_header = vec![0x40u8; 1200];
+    short_header[1..9].copy_from_slice(&[9, 8, 7, 6, 5, 4, 3, 2]);
+    let mut other_version = vec![0xc0u8, 0x0a, 0x0a, 0x0a, 0x0a];
+    other_version.resize(1200, 0);
+    let garbage: [&[u8]; 4] = [&[0u8], &short_header, &other_version, &[0x00; 1472]];
+    for datagram in garbage {
+        socket.send_to(datagram, address(0)).context("sending garbage to a")?;
+    }
+    let counted = wait_for(Duration::from_secs(5), Duration::from_millis(100), || {
+        let status = a.cli_json(&["status"])?;
+        let not_quic = counter(&status, &["federation", "not_quic"]);
+        Ok((not_quic >= not_quic_before + garbage.len() as u64).then_some(not_quic))
+    });
+    counted.with_context(|| format!("garbage not counted:\n{}", a.log()))?;
+
+    // Step 2: a peer with a real identity of the cluster, sending what no node would.
+    let identity = ca.issue("r", 30)?;
+    let r_address = address(0).parse()?;
+    let r =
+        TestPeer::connect(&underlay.hosts[2], Path::new(&identity), "a", r_address, &[100, 102])?;
+    wait_connected(&a, &["r"])?;
+    let peers = a.cli_json(&["peer", "list"])?;
+    let r_peer = peer(&peers, "r").context("r not listed")?;
+    assert_eq!(r_peer["networks"], serde_json::json!([100]), "r was given 102: {peers}");
+    let frame_102 = broadcast_from([0x02, 0, 0, 0, 0x01, 0x02]);
+    for datagram in [
+        vec![0xee, 1, 2, 3],                  // no datagram kind of the protocol
+        vec![umnet_proto::peer::FRAME, 0, 0], // shorter than its header
+        vec![umnet_proto::peer::FRAGMENT, 0, 0, 0, 100, 0, 0, 0, 1, 5, 3, 0xaa], // piece 5 of 3
+        frame_datagram(100, &[0xff; 5]),      // a runt frame on a network r has
+        frame_datagram(102, &frame_102),      // a network r may not carry
+    ] {
+        r.send_datagram(&datagram)?;
+    }
+    let counters = wait_for(Duration::from_secs(5), Duration::from_millis(100), || {
+        let peers = a.cli_json(&["peer", "list"])?;
+        let counters = peer(&peers, "r").context("r gone")?["counters"].clone();
+        let done =
+            counter(&counters, &["malformed"]) >= 3 && counter(&counters, &["not_allowed"]) >= 1;
+        Ok(done.then_some(counters))
+    })
+    .with_context(|| format!("malformed datagrams not counted:\n{}", a.log()))?;
+    eprintln!("r's counters on a: {counters}");
+    let ports = a.cli_json(&["port", "list"])?;
+    let r_port = ports.as_array().into_iter().flatten().find(|p| p["client"] == "r");
+    let runts = r_port.map_or(0, |p| counter(p, &["counters", "drops", "runt"]));
+    assert_eq!(runts, 1, "r's runt frame not counted on its port: {ports}");
+    let tap_102 = ports.as_array().into_iter().flatten().find(|p| p["client"] == "gta102");
+    let delivered = tap_102.map_or(u64::MAX, |p| counter(p, &["counters", "tx_frames"]));
+    assert_eq!(delivered, 0, "r's frame for 102 reached a's tap on 102: {ports}");
+    assert!(r.close_reason().is_none(), "a closed r's connection over datagrams");
+
+    // Nothing else changed: a and b still talk over the same connection.
+    assert!(underlay.hosts[0].ping_ok("10.0.0.2")?, "a's tap lost b's after the garbage");
+    assert!(uptime_of_b(&a)? >= b_since, "a's connection to b was replaced");
+    drop(r);
+    drop(b);
+    Ok(())
+}
+
+#[test]
+fn revoking_a_peer_on_sighup_closes_its_connection() -> Result<()> {
+    let ca = Ca::new("revoke")?;
+    let underlay = Underlay::new(&["a", "b", "c"], 1500)?;
+    let config = |extra: &str| {
+        format!(
+            "{extra}[[network]]\nid = 100\n\n[[peer]]\nname = \"b\"\naddress = \"{}\"\n\n\
+             [[peer]]\nname = \"c\"\naddress = \"{}\"\n",
+            address(1),
+            address(2)
+        )
+    };
+    let mut a = Node::start(
+        NodeOptions::new()
+            .netns(&underlay.hosts[0])
+            .config(&config(""))
+            .arg("--identity")
+            .arg(&ca.issue("a", 30)?)
+            .arg("--listen")
+            .arg(&format!("0.0.0.0:{PEER_PORT}")),
+    )?;
+    let _b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
+    let _c = start_node(&underlay, 2, &ca.issue("c", 30)?, &[(0, "a")], NETWORKS)?;
+    wait_connected(&a, &["b", "c"])?;
+
+    // A bad revocation list changes nothing.
+    a.reconfigure(&config("[federation]\nrevoked_fingerprints = [\"not hex\"]\n\n"))?;
+    wait_for(Duration::from_secs(5), Duration::from_millis(100), || {
+        Ok(a.log().contains("revocation list not applied").then_some(()))
+    })
+    .with_context(|| format!("no complaint about the bad list:\n{}", a.log()))?;
+    wait_connected(&a, &["b", "c"])?;
+
+    // Revoking b by name cuts it off at once, and it stays off; c is untouched.
+    a.reconfigure(&config("[federation]\nrevoked_names = [\"b\"]\n\n"))?;
+    wait_for(Duration::from_secs(5), Duration::from_millis(100), || {
+        let peers = a.cli_json(&["peer", "list"])?;
+        let b = peer(&peers, "b").context("b not listed")?;
+        Ok((b["state"] != "connected").then_some(()))
+    })
+    .with_context(|| format!("b still connected after its revocation:\n{}", a.log()))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let peers = a.cli_json(&["peer", "list"])?;
+    assert_ne!(peer(&peers, "b").map(|p| &p["state"]), Some(&"connected".into()), "{peers}");
+    assert_eq!(peer(&peers, "c").map(|p| &p["state"]), Some(&"connected".into()), "{peers}");
+    assert!(a.log().contains("peer revoked"), "no warning names the revocation");
+    Ok(())
+}
+
+#[test]
+fn a_peer_dialed_under_the_wrong_name_is_refused() -> Result<()> {
+    let ca = Ca::new("names")?;
+    let underlay = Underlay::new(&["a", "b"], 1500)?;
+    // a expects node c at b's address: b's certificate names b.
+    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[(1, "c")], NETWORKS)?;
+    let _b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[], NETWORKS)?;
+    let error = wait_for(Duration::from_secs(10), Duration::from_millis(200), || {
+        let peers = a.cli_json(&["peer", "list"])?;
+        let c = peer(&peers, "c").context("c not listed")?;
+        assert_ne!(c["state"], "connected", "a took b for c: {peers}");
+        Ok(c["last_error"].as_str().map(str::to_string))
+    })?;
+    assert!(error.contains("not valid for name") || error.contains("name"), "{error}");
+    assert!(a.log().contains("peer handshake failed"), "no warning:\n{}", a.log());
+    Ok(())
+}
+
+#[test]
+fn a_node_key_never_leaves_the_node_in_the_request_flow() -> Result<()> {
+    let ca = Ca::new("csr")?;
+    let underlay = Underlay::new(&["a", "n"], 1500)?;
+    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[], NETWORKS)?;
+
+    // On the node: a key in its state directory, and a request.
+    let node_dir = TempDir::new("csr-node")?;
+    let state = node_dir.join("state");
+    let state_arg = state.display().to_string();
+    let csr = node_dir.join("n.csr").display().to_string();
+    umnet(&["cert", "request", "n", "--state-dir", &state_arg, "--out", &csr])?;
+    let request = std::fs::read_to_string(&csr)?;
+    assert!(!request.contains("PRIVATE KEY"), "the request carries the key");
+
+    // On the CA host: the certificate; then back on the node: install it.
+    let ca_dir = ca.dir.join("ca").display().to_string();
+    let crt = node_dir.join("n.crt").display().to_string();
+    umnet(&["ca", "sign", &csr, "--dir", &ca_dir, "--out", &crt])?;
+    let ca_crt = ca.dir.join("ca/ca.crt").display().to_string();
+    umnet(&["cert", "install", &crt, "--ca", &ca_crt, "--state-dir", &state_arg])?;
+    let shown = umnet(&["cert", "show", "--state-dir", &state_arg])?;
+    assert!(shown.contains("name         n"), "{shown}");
+
+    // The node runs on the identity in its state directory and joins a.
+    let config = format!("[[peer]]\nname = \"a\"\naddress = \"{}\"\n", address(0));
+    let n = Node::start(
+        NodeOptions::new()
+            .netns(&underlay.hosts[1])
+            .state_dir(&state)
+            .config(&config)
+            .arg("--listen")
+            .arg(&format!("0.0.0.0:{PEER_PORT}")),
+    )?;
+    wait_connected(&n, &["a"])?;
+    wait_connected(&a, &["n"])?;
+
+    // Errors: a request that is none, a certificate of another CA, a CA made twice.
+    let fails = |args: &[&str], message: &str| -> Result<()> {
+        let mut command = Command::new(umnet_bin()?);
+        command.args(args);
+        let output = run(&mut command, Duration::from_secs(30))?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.to_lowercase().contains(message), "{args:?}: {stderr}");
+        Ok(())
+    };
+    let junk = node_dir.join("junk.csr").display().to_string();
+    std::fs::write(&junk, "not a request\n")?;
+    fails(&["ca", "sign", &junk, "--dir", &ca_dir], "request")?;
+    let foreign = Ca::new("other")?;
+    let foreign_crt = foreign.dir.join("ca/ca.crt").display().to_string();
+    fails(&["cert", "install", &crt, "--ca", &foreign_crt, "--state-dir", &state_arg], "ca")?;
+    fails(&["ca", "init", "--dir", &ca_dir], "exist")?;
+    fails(&["cert", "show", "/nonexistent/cert.pem"], "nonexistent")?;
     Ok(())
 }

@@ -255,7 +255,7 @@ fn tcp(
     let result = iperf(hosts, programs, target, &["-P", &parallel], duration, dir)?;
     let bits = result["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .context("iperf3 reported no received rate")?;
+        .with_context(|| format!("iperf3 reported no received rate: {}", summary(&result)))?;
     let (key, title) = if streams == 1 {
         ("mbps", "TCP, one stream, Mbit/s received")
     } else {
@@ -332,6 +332,15 @@ fn iperf(
         }
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// What iperf3 said went wrong, or the start of its report.
+fn summary(report: &Value) -> String {
+    if let Some(error) = report["error"].as_str() {
+        return error.to_string();
+    }
+    let text = report["end"].to_string();
+    text.chars().take(300).collect()
 }
 
 /// `count` pings from host a to `target`, one every 10 ms; median and p99 round trip.
