@@ -113,7 +113,7 @@ pub(crate) struct SwitchSection {
     pub(crate) max_ports: usize,
     /// Permissions of the client sockets (`ctl`, `bess`), octal as a string.
     pub(crate) socket_mode: String,
-    /// Microseconds the switch thread keeps polling after its last event before it sleeps.
+    /// Microseconds the switch keeps polling after its last event before it sleeps.
     pub(crate) busy_poll_us: u64,
 }
 
@@ -218,7 +218,7 @@ impl Config {
         }
     }
 
-    /// The switch thread's settings.
+    /// The switch's settings.
     pub(crate) fn switch_config(&self) -> SwitchConfig {
         SwitchConfig {
             aging: Duration::from_secs(self.switch.mac_aging_secs),

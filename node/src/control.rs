@@ -74,7 +74,7 @@ impl Refusal {
             Refusal::Timeout => &rejects.timeout,
             Refusal::NotOwner { .. } | Refusal::Unreachable { .. } => &rejects.unreachable,
             Refusal::Request(_) | Refusal::Io(_) => &rejects.malformed,
-            // Counted by the switch thread, which knows why.
+            // Counted by the switch, which knows why.
             Refusal::NotAttached => return,
         };
         RejectCounters::count(counter);

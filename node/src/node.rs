@@ -1,6 +1,6 @@
 //! A running node: its directories, networks and tap ports, and the tasks that serve them.
 //!
-//! [`run`] starts the switch thread, opens each network's client sockets, restores tap ports,
+//! [`run`] starts the switch, opens each network's client sockets, restores tap ports,
 //! serves the admin socket and waits for SIGINT or SIGTERM. [`Node`] holds what the control
 //! tasks share; every change to networks and tap ports goes through it, and is persisted.
 
@@ -121,8 +121,9 @@ async fn serve(
     federation: FederationOptions,
 ) -> anyhow::Result<()> {
     let rejects = Arc::new(RejectCounters::default());
-    let (switch, switch_thread) = switch::spawn(config.switch_config(), rejects.clone())
-        .context("cannot start the switch thread")?;
+    let (switch, switcher) =
+        switch::new(config.switch_config(), rejects.clone()).context("cannot start the switch")?;
+    let switch_task = tokio::spawn(switcher.run());
 
     // Networks from the config file and the state directory.
     let mut networks: Vec<NetworkId> = config.networks.iter().map(|n| n.id).collect();
@@ -206,8 +207,8 @@ async fn serve(
         federation.close().await;
     }
     node.switch.send(Command::Shutdown);
-    if switch_thread.join().is_err() {
-        tracing::error!("the switch thread panicked");
+    if switch_task.await.is_err() {
+        tracing::error!("the switch panicked");
     }
     node.close_all();
     let _ = fs::remove_file(&admin_path);
@@ -492,7 +493,7 @@ impl Node {
             .collect())
     }
 
-    /// Opens network `net`'s directory and sockets and hands it to the switch thread.
+    /// Opens network `net`'s directory and sockets and hands it to the switch.
     fn open_network(self: &Arc<Self>, net: NetworkId) -> anyhow::Result<()> {
         let dir = config::network_dir(&self.run_dir, net);
         create_dir(&dir, 0o755)?;
@@ -621,7 +622,7 @@ impl Node {
         }
     }
 
-    /// Closes what the control side holds for ports the switch thread removed: their control
+    /// Closes what the control side holds for ports the switch removed: their control
     /// connections, and their taps (deleting those the node created).
     fn forget_ports(&self, ports: &[PortId]) -> Result<(), admin::Error> {
         let mut names = Vec::new();

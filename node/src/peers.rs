@@ -6,7 +6,7 @@
 //! of the networks both serve (and the peer may carry) travel as datagrams
 //! ([`umnet_proto::peer`]).
 //!
-//! In the switch thread a peer is one port per shared network ([`PeerLink`]): addresses behind
+//! In the switch a peer is one port per shared network ([`PeerLink`]): addresses behind
 //! it are learned as on any port, and they go when the port does. A frame that came from a peer
 //! is never sent to another peer (split horizon), so a network spans the nodes that are
 //! directly peered with each other.
@@ -56,7 +56,7 @@ const STABLE_AFTER: Duration = Duration::from_secs(2);
 /// How often a malformed-datagram warning may repeat per peer.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Traffic counters of one peer, shared by its connection tasks and the switch thread.
+/// Traffic counters of one peer, shared by its connection tasks and the switch.
 #[derive(Debug, Default)]
 pub(crate) struct PeerStats {
     pub(crate) rx_frames: AtomicU64,
@@ -89,7 +89,7 @@ impl PeerStats {
     }
 }
 
-/// The switch thread's end of a peer port: sends frames of one network as datagrams.
+/// The switch's end of a peer port: sends frames of one network as datagrams.
 #[derive(Debug)]
 pub(crate) struct PeerLink {
     connection: quinn::Connection,
@@ -632,7 +632,7 @@ impl Federation {
     }
 }
 
-/// What the switch thread needs to make the links of a peer's ports.
+/// What the switch needs to make the links of a peer's ports.
 #[derive(Debug, Clone)]
 pub(crate) struct PeerLinkFactory {
     connection: quinn::Connection,

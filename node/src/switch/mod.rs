@@ -1,12 +1,12 @@
-//! The switch thread: every frame a node switches passes through here.
+//! The switch: every frame a node switches passes through here.
 //!
-//! One thread owns every port descriptor and every network's bridge, and waits on them with
-//! epoll (through mio). Frames are read in batches, learned, and sent to their port or flooded
+//! One task owns every port descriptor and every network's bridge, and waits on them with an
+//! epoll instance of its own (through mio), which the node's runtime waits on in turn. Frames are read in batches, learned, and sent to their port or flooded
 //! to their network, all without locks or allocation on the common path. The rest of the node
-//! (async tasks: control handshakes, admin requests) talks to the thread with [`Command`]s
+//! (async tasks: control handshakes, admin requests, peers) talks to it with [`Command`]s
 //! through a [`Handle`] and gets answers on oneshot channels.
 //!
-//! The thread accepts BESS connections itself, since each is a port from its first packet.
+//! The switch accepts BESS connections itself, since each is a port from its first packet.
 //! Daemon and libvdeplug clients are handshaken by the control tasks, which pass the finished
 //! data socket in.
 
@@ -18,11 +18,12 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest as Readiness;
 use tokio::sync::oneshot;
 use umnet_proto::admin::{self, ErrorKind, FdbEntry, NetworkId, PortKind};
 use umnet_proto::ethernet::{Header, HEADER_LEN};
@@ -71,13 +72,13 @@ pub(crate) struct SwitchConfig {
     pub(crate) queue_len: usize,
     /// Most ports served at once.
     pub(crate) max_ports: usize,
-    /// How long the thread keeps polling without sleeping after its last event. Frames come in
+    /// How long the switch keeps polling without sleeping after its last event. Frames come in
     /// bursts and a reply often follows within microseconds, while waking a sleeping thread
     /// costs 25-100 µs on a virtual machine: more than a round trip through the switch.
     pub(crate) busy_poll: Duration,
 }
 
-/// A port handed to the switch thread.
+/// A port handed to the switch.
 #[derive(Debug)]
 pub(crate) struct NewPort {
     pub(crate) id: PortId,
@@ -101,7 +102,7 @@ pub(crate) struct NetworkSummary {
 type Reply<T> = oneshot::Sender<T>;
 type AdminResult<T> = Result<T, admin::Error>;
 
-/// What the rest of the node asks of the switch thread.
+/// What the rest of the node asks of the switch.
 #[derive(Debug)]
 pub(crate) enum Command {
     AddNetwork {
@@ -157,7 +158,7 @@ pub(crate) enum Command {
     Shutdown,
 }
 
-/// The rest of the node's way to the switch thread.
+/// The rest of the node's way to the switch.
 #[derive(Debug, Clone)]
 pub(crate) struct Handle {
     commands: mpsc::Sender<Command>,
@@ -168,9 +169,9 @@ pub(crate) struct Handle {
 }
 
 impl Handle {
-    /// Sends a command and wakes the thread.
+    /// Sends a command and wakes the switch.
     pub(crate) fn send(&self, command: Command) {
-        // Both fail only once the thread has exited, when there is nobody left to tell.
+        // Both fail only once the switch has stopped, when there is nobody left to tell.
         if self.commands.send(command).is_ok() && !self.woken.swap(true, Ordering::AcqRel) {
             let _ = self.waker.wake();
         }
@@ -180,9 +181,7 @@ impl Handle {
     pub(crate) async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> AdminResult<T> {
         let (reply, answer) = oneshot::channel();
         self.send(make(reply));
-        answer
-            .await
-            .map_err(|_| admin::Error::new(ErrorKind::Internal, "the switch thread has stopped"))
+        answer.await.map_err(|_| admin::Error::new(ErrorKind::Internal, "the switch has stopped"))
     }
 
     /// A fresh port id.
@@ -222,11 +221,12 @@ impl RateLimit {
     }
 }
 
-/// Starts the switch thread.
-pub(crate) fn spawn(
+/// Makes the switch and the handle the rest of the node reaches it by. [`Switch::run`] then
+/// switches frames until it is told to stop.
+pub(crate) fn new(
     config: SwitchConfig,
     rejects: Arc<RejectCounters>,
-) -> io::Result<(Handle, thread::JoinHandle<()>)> {
+) -> io::Result<(Handle, Switch)> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (commands, receiver) = mpsc::channel();
@@ -251,11 +251,21 @@ pub(crate) fn spawn(
         rejects,
         config,
     };
-    let thread = thread::Builder::new().name("umnet-switch".into()).spawn(move || switch.run())?;
-    Ok((handle, thread))
+    Ok((handle, switch))
 }
 
-struct Switch {
+/// The switch's epoll instance, borrowed as a file the runtime waits on; the [`Poll`] owns it.
+#[derive(Debug)]
+struct EpollFd(RawFd);
+
+impl AsRawFd for EpollFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The switch: every port and bridge of the node.
+pub(crate) struct Switch {
     poll: Poll,
     commands: mpsc::Receiver<Command>,
     woken: Arc<AtomicBool>,
@@ -278,29 +288,61 @@ struct Switch {
 }
 
 impl Switch {
-    fn run(mut self) {
-        let mut events = Events::with_capacity(256);
-        let mut next_aging = Instant::now() + AGE_INTERVAL;
-        let mut last_frame = Instant::now();
-        loop {
-            let timeout = if !self.ready.is_empty() || last_frame.elapsed() < self.config.busy_poll
-            {
-                Duration::ZERO
-            } else if !self.congested.is_empty() {
-                STUCK_AFTER
-            } else {
-                next_aging.saturating_duration_since(Instant::now())
-            };
-            if let Err(error) = self.poll.poll(&mut events, Some(timeout)) {
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                tracing::error!(%error, "switch thread cannot wait for events; stopping");
+    /// Switches frames until a [`Command::Shutdown`], on the task that awaits it.
+    ///
+    /// The ports are registered with the switch's own epoll instance (through mio), and that
+    /// instance is one more file the runtime waits on: the switch and the peer connections
+    /// share one thread, so a frame between a local port and a peer changes hands without
+    /// waking another thread. After an event the switch keeps looking for more for
+    /// `busy_poll`, yielding to the runtime's other tasks in between.
+    pub(crate) async fn run(mut self) {
+        let epoll = EpollFd(self.poll.as_raw_fd());
+        // SAFETY: the descriptor is the epoll instance of `self.poll`, which stays open and
+        // unchanged for as long as this function runs, and `readiness` is dropped when it ends.
+        let registered = unsafe { AsyncFd::register_with_interest(epoll, Readiness::READABLE) };
+        let readiness = match registered {
+            Ok(readiness) => readiness,
+            Err(error) => {
+                tracing::error!(%error, "the switch cannot wait for events; stopping");
                 return;
             }
+        };
+        let mut events = Events::with_capacity(256);
+        let mut next_aging = Instant::now() + AGE_INTERVAL;
+        let mut last_event = Instant::now();
+        loop {
+            // Step 1: wait for an event, a timer, or the end of a busy-poll yield.
+            if !self.ready.is_empty() || last_event.elapsed() < self.config.busy_poll {
+                tokio::task::yield_now().await;
+            } else {
+                let deadline = if self.congested.is_empty() {
+                    next_aging
+                } else {
+                    Instant::now() + STUCK_AFTER
+                };
+                tokio::select! {
+                    guard = readiness.readable() => match guard {
+                        // Cleared before the epoll instance is drained below: an event that
+                        // arrives meanwhile makes it readable again.
+                        Ok(mut guard) => guard.clear_ready(),
+                        Err(error) => {
+                            tracing::error!(%error, "the switch cannot wait for events; stopping");
+                            return;
+                        }
+                    },
+                    () = tokio::time::sleep_until(deadline.into()) => {}
+                }
+            }
 
+            // Step 2: take what is ready, without blocking.
+            if let Err(error) = self.poll.poll(&mut events, Some(Duration::ZERO)) {
+                if error.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(%error, "the switch cannot read its events; stopping");
+                    return;
+                }
+            }
             if !events.is_empty() {
-                last_frame = Instant::now();
+                last_event = Instant::now();
             }
             for event in events.iter() {
                 match event.token() {
@@ -324,8 +366,8 @@ impl Switch {
                 }
             }
 
-            // Each port with frames waiting gets a bounded turn, so a client sending flat out
-            // cannot starve the others.
+            // Step 3: each port with frames waiting gets a bounded turn, so a client sending
+            // flat out cannot starve the others.
             for _ in 0..self.ready.len() {
                 let Some(id) = self.ready.pop_front() else { break };
                 if self.receive(id) {
@@ -335,6 +377,7 @@ impl Switch {
                 }
             }
 
+            // Step 4: timers.
             let now = Instant::now();
             if !self.congested.is_empty() {
                 self.check_congested(now);
@@ -511,7 +554,7 @@ impl Switch {
         }
     }
 
-    /// Runs queued commands. Returns false when the thread must stop.
+    /// Runs queued commands. Returns false when the switch must stop.
     fn run_commands(&mut self) -> bool {
         self.woken.store(false, Ordering::Release);
         while let Ok(command) = self.commands.try_recv() {
@@ -954,10 +997,10 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixDatagram;
 
-    /// A switch thread with networks 100 and 101, and a client socket per port.
+    /// A switch on a thread of its own with networks 100 and 101, and a client socket per port.
     struct Harness {
         handle: Handle,
-        thread: Option<thread::JoinHandle<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
         dir: std::path::PathBuf,
     }
 
@@ -971,7 +1014,12 @@ mod tests {
                 max_ports: 8,
                 busy_poll: Duration::ZERO,
             };
-            let (handle, thread) = spawn(config, Arc::default()).unwrap();
+            let (handle, switch) = new(config, Arc::default()).unwrap();
+            let thread = std::thread::spawn(move || {
+                let runtime =
+                    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(switch.run());
+            });
             static SWITCHES: AtomicU32 = AtomicU32::new(0);
             let dir = std::env::temp_dir().join(format!(
                 "umnet-switch-test-{}-{}",

@@ -1,4 +1,4 @@
-//! A port as the switch thread sees it: a descriptor frames come in on and go out on, what is
+//! A port as the switch sees it: a descriptor frames come in on and go out on, what is
 //! known of the client, counters, and a short queue for a client that is slow to read.
 //!
 //! Sending never blocks the switch. A frame for a client whose socket is full waits in the
@@ -52,7 +52,7 @@ pub(crate) enum Link {
 }
 
 impl Link {
-    /// The descriptor the switch thread waits on, if any.
+    /// The descriptor the switch waits on, if any.
     pub(crate) fn fd(&self) -> Option<RawFd> {
         match self {
             Link::Socket(fd) | Link::Device(fd) => Some(fd.as_raw_fd()),
@@ -82,7 +82,7 @@ pub(crate) struct Port {
     pub(crate) client: String,
     pub(crate) pid: Option<u32>,
     pub(crate) counters: PortCounters,
-    /// Whether the port waits in the switch thread's list of ports with frames to read.
+    /// Whether the port waits in the switch's list of ports with frames to read.
     pub(crate) ready: bool,
     /// Whether the switch stopped reading this port because a port it sends to is congested.
     pub(crate) paused: bool,
