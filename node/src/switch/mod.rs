@@ -248,6 +248,7 @@ pub(crate) fn new(
         batch,
         device_buffer: vec![0u8; DEVICE_BUFFER].into_boxed_slice(),
         malformed_warnings: HashMap::new(),
+        last_local_delivery: Instant::now(),
         rejects,
         config,
     };
@@ -283,6 +284,8 @@ pub(crate) struct Switch {
     batch: RecvBatch,
     device_buffer: Box<[u8]>,
     malformed_warnings: HashMap<PortId, RateLimit>,
+    /// When a frame last went out to a local port; busy polling follows it.
+    last_local_delivery: Instant,
     rejects: Arc<RejectCounters>,
     config: SwitchConfig,
 }
@@ -294,7 +297,10 @@ impl Switch {
     /// instance is one more file the runtime waits on: the switch and the peer connections
     /// share one thread, so a frame between a local port and a peer changes hands without
     /// waking another thread. After an event the switch keeps looking for more for
-    /// `busy_poll`, yielding to the runtime's other tasks in between.
+    /// `busy_poll` after it delivered a frame to a local port, whose client may answer within
+    /// microseconds, yielding to the runtime's other tasks in between. A frame sent to a peer
+    /// starts no busy polling: an answer takes a round trip to another host, and a node
+    /// spinning meanwhile only takes a core from the processes that must answer.
     pub(crate) async fn run(mut self) {
         let epoll = EpollFd(self.poll.as_raw_fd());
         // SAFETY: the descriptor is the epoll instance of `self.poll`, which stays open and
@@ -309,10 +315,10 @@ impl Switch {
         };
         let mut events = Events::with_capacity(256);
         let mut next_aging = Instant::now() + AGE_INTERVAL;
-        let mut last_event = Instant::now();
         loop {
             // Step 1: wait for an event, a timer, or the end of a busy-poll yield.
-            if !self.ready.is_empty() || last_event.elapsed() < self.config.busy_poll {
+            let busy = self.last_local_delivery.elapsed() < self.config.busy_poll;
+            if !self.ready.is_empty() || busy {
                 tokio::task::yield_now().await;
             } else {
                 let deadline = if self.congested.is_empty() {
@@ -340,9 +346,6 @@ impl Switch {
                     tracing::error!(%error, "the switch cannot read its events; stopping");
                     return;
                 }
-            }
-            if !events.is_empty() {
-                last_event = Instant::now();
             }
             for event in events.iter() {
                 match event.token() {
@@ -481,14 +484,17 @@ impl Switch {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
             }
             let oversize = received.truncated;
-            switch_frame(
+            let ingress = Ingress { id, frame, oversize, now };
+            if switch_frame(
                 &mut self.ports,
                 &mut self.networks,
                 &mut self.malformed_warnings,
                 &mut self.congested,
                 &self.config,
-                Ingress { id, frame, oversize, now },
-            );
+                ingress,
+            ) {
+                self.last_local_delivery = now;
+            }
         }
         Ok(count == BATCH)
     }
@@ -503,14 +509,16 @@ impl Switch {
                 Err(error) => return Err(error),
             };
             let frame = &self.device_buffer[..len];
-            switch_frame(
+            if switch_frame(
                 &mut self.ports,
                 &mut self.networks,
                 &mut self.malformed_warnings,
                 &mut self.congested,
                 &self.config,
                 Ingress { id, frame, oversize: false, now },
-            );
+            ) {
+                self.last_local_delivery = now;
+            }
         }
         Ok(true)
     }
@@ -664,14 +672,17 @@ impl Switch {
             stats.rx_frames.fetch_add(1, Ordering::Relaxed);
             stats.rx_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
         }
-        switch_frame(
+        let now = Instant::now();
+        if switch_frame(
             &mut self.ports,
             &mut self.networks,
             &mut self.malformed_warnings,
             &mut self.congested,
             &self.config,
-            Ingress { id, frame, oversize: false, now: Instant::now() },
-        );
+            Ingress { id, frame, oversize: false, now },
+        ) {
+            self.last_local_delivery = now;
+        }
     }
 
     fn add_network(&mut self, net: NetworkId, bess: OwnedFd) {
@@ -869,9 +880,9 @@ fn switch_frame(
     congested: &mut Vec<PortId>,
     config: &SwitchConfig,
     ingress: Ingress<'_>,
-) {
+) -> bool {
     let Ingress { id, frame, oversize, now } = ingress;
-    let Some(port) = ports.get_mut(&id) else { return };
+    let Some(port) = ports.get_mut(&id) else { return false };
 
     // Step 1: refuse what cannot be switched, counting it on the port it came from.
     let problem = if frame.len() < HEADER_LEN {
@@ -887,18 +898,18 @@ fn switch_frame(
         (None, Ok(header)) if header.source.is_group() => {
             port.counters.drops.bad_source += 1;
             warn_malformed(warnings, port, "group source address", frame.len(), now);
-            return;
+            return false;
         }
         (None, Ok(header)) => header,
         (problem, _) => {
             warn_malformed(warnings, port, problem.unwrap_or("runt"), frame.len(), now);
-            return;
+            return false;
         }
     };
     port.counters.rx_frames += 1;
     port.counters.rx_bytes += frame.len() as u64;
     let net = port.net;
-    let Some(network) = networks.get_mut(&net) else { return };
+    let Some(network) = networks.get_mut(&net) else { return false };
 
     // Step 2: learn the source.
     match network.bridge.learn(header.source, id, now) {
@@ -923,30 +934,41 @@ fn switch_frame(
     // Step 3: forward, or flood to every other port of the same network.
     // A frame from a peer never goes to another peer (split horizon).
     let from_peer = ports.get(&id).is_some_and(|port| port.kind == PortKind::Peer);
-    let mut pause = false;
+    let mut sent = Transmitted::default();
     match network.bridge.decide(header.destination, id, now) {
         Decision::Forward(out) => {
-            pause = transmit(ports, congested, id, out, from_peer, frame, now);
+            sent = transmit(ports, congested, id, out, from_peer, frame, now);
         }
         Decision::Flood => {
             for &out in &network.ports {
                 if out != id {
-                    pause |= transmit(ports, congested, id, out, from_peer, frame, now);
+                    let one = transmit(ports, congested, id, out, from_peer, frame, now);
+                    sent.pause |= one.pause;
+                    sent.local |= one.local;
                 }
             }
         }
         Decision::Filter => {}
     }
-    if pause {
+    if sent.pause {
         if let Some(port) = ports.get_mut(&id) {
             port.paused = true;
         }
     }
     tracing::trace!(net, port = id, len = frame.len(), dst = %header.destination, "frame");
+    sent.local
 }
 
-/// Sends `frame` from port `ingress` out of port `out`. Returns whether `ingress` must pause
-/// because `out` is congested.
+/// What sending one frame out of one port did.
+#[derive(Clone, Copy, Debug, Default)]
+struct Transmitted {
+    /// The ingress port must pause: the egress port is congested.
+    pause: bool,
+    /// The frame went to a local port (not a peer), whose client may answer at once.
+    local: bool,
+}
+
+/// Sends `frame` from port `ingress` out of port `out`.
 fn transmit(
     ports: &mut HashMap<PortId, Port>,
     congested: &mut Vec<PortId>,
@@ -955,13 +977,14 @@ fn transmit(
     from_peer: bool,
     frame: &[u8],
     now: Instant,
-) -> bool {
-    let Some(port) = ports.get_mut(&out) else { return false };
+) -> Transmitted {
+    let Some(port) = ports.get_mut(&out) else { return Transmitted::default() };
     if from_peer && port.kind == PortKind::Peer {
-        return false;
+        return Transmitted::default();
     }
+    let local = port.kind != PortKind::Peer;
     if port.transmit(frame) == Sent::Delivered || !port.congested() {
-        return false;
+        return Transmitted { pause: false, local };
     }
     if !port.waiters.contains(&ingress) {
         port.waiters.push(ingress);
@@ -970,7 +993,7 @@ fn transmit(
         port.congested_since = Some(now);
         congested.push(out);
     }
-    true
+    Transmitted { pause: true, local }
 }
 
 fn warn_malformed(
