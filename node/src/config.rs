@@ -345,6 +345,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid_and_holds_the_defaults() {
+        let text = include_str!("../../deploy/umnet.toml");
+        let config: Config = toml::from_str(text).unwrap();
+        config.check().unwrap();
+        let defaults = Config::default();
+        assert_eq!(config.switch.mac_limit, defaults.switch.mac_limit);
+        assert_eq!(config.switch.busy_poll_us, defaults.switch.busy_poll_us);
+        assert_eq!(config.federation.listen, defaults.federation.listen);
+        assert_eq!(config.federation.inbound, defaults.federation.inbound);
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_reasons() {
         assert!(toml::from_str::<Config>("[switch]\nmac_agin_secs = 1").is_err(), "typo");
         let bad = [

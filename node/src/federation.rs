@@ -54,9 +54,7 @@ pub(crate) fn start(
     if info.expires_within(Duration::ZERO, SystemTime::now()) {
         bail!("the certificate of {} has expired; issue a new one", path.display());
     }
-    if info.expires_within(umnet_certs::EXPIRY_WARNING, SystemTime::now()) {
-        tracing::warn!(name = %info.name, "the node certificate expires within 30 days; renew it");
-    }
+    warn_of_expiry(&info.name, info.not_after, SystemTime::now());
 
     let revocations = Arc::new(umnet_certs::Revocations::new());
     revocations
@@ -90,12 +88,35 @@ pub(crate) fn start(
         .collect();
     let settings = Settings {
         name: info.name,
+        not_after: info.not_after,
         listed_only: config.federation.inbound == Inbound::Listed,
         allowed,
         counters,
         revocations,
     };
     Ok(Some((settings, endpoint, client)))
+}
+
+/// Warns when the node certificate of `name`, valid until `not_after`, expires within
+/// [`umnet_certs::EXPIRY_WARNING`] of `now`, and says so louder once it has expired. Returns
+/// whether it said anything.
+pub(crate) fn warn_of_expiry(name: &str, not_after: SystemTime, now: SystemTime) -> bool {
+    match not_after.duration_since(now) {
+        Err(_) => {
+            tracing::error!(
+                name,
+                "the node certificate has expired: peers refuse this node until it has a new one \
+                 (umnet ca issue, or umnet cert request and install)"
+            );
+            true
+        }
+        Ok(left) if left <= umnet_certs::EXPIRY_WARNING => {
+            let days = left.as_secs() / (24 * 60 * 60);
+            tracing::warn!(name, days, "the node certificate expires soon; renew it");
+            true
+        }
+        Ok(_) => false,
+    }
 }
 
 fn transport() -> quinn::TransportConfig {
@@ -107,4 +128,18 @@ fn transport() -> quinn::TransportConfig {
     }
     transport.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
     transport
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_reported_within_the_warning_window_and_after() {
+        let now = SystemTime::now();
+        let day = Duration::from_secs(24 * 60 * 60);
+        assert!(!warn_of_expiry("a", now + 90 * day, now));
+        assert!(warn_of_expiry("a", now + 29 * day, now));
+        assert!(warn_of_expiry("a", now - day, now));
+    }
 }

@@ -160,6 +160,7 @@ async fn serve(
     }
     if let Some(federation) = &node.federation {
         tokio::spawn(federation.clone().accept());
+        tokio::spawn(federation.clone().watch_expiry());
         let mut peers = config.peers.clone();
         for peer in &state.peers {
             if !peers.iter().any(|p| p.name == peer.name) {
@@ -488,6 +489,7 @@ impl Node {
                 macs: s.macs,
                 mac_limit: s.mac_limit,
                 mac_limit_hits: s.mac_limit_hits,
+                mac_flaps: s.mac_flaps,
                 attach: attach(&self.run_dir, s.id),
             })
             .collect())

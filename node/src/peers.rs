@@ -53,6 +53,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// that accepts and then refuses is not dialed in a tight loop.
 const STABLE_AFTER: Duration = Duration::from_secs(2);
 
+/// How often a running node looks at its certificate's expiry date.
+const EXPIRY_CHECK: Duration = Duration::from_secs(6 * 60 * 60);
+
 /// How often a malformed-datagram warning may repeat per peer.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -140,6 +143,8 @@ impl PeerLink {
 pub(crate) struct Settings {
     /// This node's name, from its certificate.
     pub(crate) name: String,
+    /// When this node's certificate expires.
+    pub(crate) not_after: std::time::SystemTime,
     /// Accept inbound connections only from configured peers.
     pub(crate) listed_only: bool,
     /// Networks restricted to some peers: a peer not listed never carries their frames.
@@ -226,6 +231,19 @@ impl Federation {
                     }
                 }
             });
+        }
+    }
+
+    /// Warns every [`EXPIRY_CHECK`] while the node certificate is close to expiry or past it,
+    /// so a node that runs for months says so ahead of time, not only at start.
+    pub(crate) async fn watch_expiry(self: Arc<Self>) {
+        let mut checks = tokio::time::interval(EXPIRY_CHECK);
+        // The first tick is now; the node warned at start already.
+        checks.tick().await;
+        loop {
+            checks.tick().await;
+            let now = std::time::SystemTime::now();
+            crate::federation::warn_of_expiry(&self.settings.name, self.settings.not_after, now);
         }
     }
 

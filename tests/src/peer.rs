@@ -43,6 +43,18 @@ impl TestPeer {
         let identity = umnet_certs::Identity::load(identity)
             .with_context(|| format!("loading {}", identity.display()))?;
         let tls = umnet_certs::client_config(&identity, Arc::new(umnet_certs::Revocations::new()))?;
+        Self::connect_with(netns, tls, name, address, nets)
+    }
+
+    /// Connects as [`connect`](Self::connect) does, with a TLS configuration of the test's
+    /// making: one that presents an expired certificate, or none at all.
+    pub fn connect_with(
+        netns: &Netns,
+        tls: rustls::ClientConfig,
+        name: &str,
+        address: SocketAddr,
+        nets: &[u32],
+    ) -> Result<TestPeer> {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .context("the TLS configuration cannot carry QUIC")?;
         let client = quinn::ClientConfig::new(Arc::new(quic));

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -270,6 +271,67 @@ fn strangers_cannot_join_and_allowed_networks_hold() -> Result<()> {
     let peers = b.cli_json(&["peer", "list"])?;
     let shared = &peer(&peers, "a").context("a gone")?["networks"];
     assert_eq!(shared, &serde_json::json!([100, 101]), "b would send 102 to a: {peers}");
+    Ok(())
+}
+
+/// A TLS client configuration trusting the cluster CA of `identity` and presenting no
+/// certificate at all, as a stranger who got hold of the CA certificate would build.
+fn anonymous_client(identity: &umnet_certs::Identity) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(identity.ca_certificate_der().clone())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![umnet_certs::ALPN.to_vec()];
+    Ok(config)
+}
+
+#[test]
+fn expired_early_and_anonymous_clients_fail_the_handshake() -> Result<()> {
+    let ca = Ca::new("handshake")?;
+    let underlay = Underlay::new(&["a", "s"], 1500)?;
+    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[], NETWORKS)?;
+    let authority = umnet_certs::CertificateAuthority::load(&ca.dir.join("ca"))?;
+    let day = Duration::from_secs(24 * 60 * 60);
+    let now = SystemTime::now();
+    let none = || Arc::new(umnet_certs::Revocations::new());
+    let expired = authority.issue_with_window("s", now - 2 * day, now - day)?;
+    let early = authority.issue_with_window("t", now + day, now + 2 * day)?;
+    let attempts = [
+        ("an expired certificate", umnet_certs::client_config(&expired, none())?),
+        ("a certificate not valid yet", umnet_certs::client_config(&early, none())?),
+        ("no certificate", anonymous_client(&expired)?),
+    ];
+
+    for (what, tls) in attempts {
+        let failed = |node: &Node| -> Result<u64> {
+            Ok(counter(&node.cli_json(&["status"])?, &["federation", "handshakes_failed"]))
+        };
+        let before = failed(&a)?;
+        // In TLS 1.3 the client finishes its half of the handshake before the server has
+        // judged its certificate, so the refusal may come as a closed connection.
+        let attempt =
+            TestPeer::connect_with(&underlay.hosts[1], tls, "a", address(0).parse()?, &[100]);
+        if let Ok(stranger) = &attempt {
+            wait_for(Duration::from_secs(5), Duration::from_millis(50), || {
+                Ok(stranger.close_reason())
+            })
+            .with_context(|| format!("a client with {what} kept its connection"))?;
+        }
+        wait_for(Duration::from_secs(5), Duration::from_millis(50), || {
+            Ok((failed(&a)? > before).then_some(()))
+        })
+        .with_context(|| format!("a client with {what} was not counted:\n{}", a.log()))?;
+        let peers = a.cli_json(&["peer", "list"])?;
+        assert_eq!(peers, serde_json::json!([]), "a client with {what} became a peer");
+    }
+    let log = a.log();
+    assert!(log.contains("peer handshake failed"), "no warning names the failures:\n{log}");
+    for reason in ["certificate expired", "certificate not valid yet", "no certificates"] {
+        assert!(log.contains(reason), "no warning gives the reason {reason}:\n{log}");
+    }
     Ok(())
 }
 
