@@ -178,12 +178,14 @@ fn render_status(status: &admin::Status) -> String {
 }
 
 fn render_networks(networks: &[admin::Network]) -> String {
-    let mut out =
-        format!("{:<8} {:>5} {:>6} {:>6}  {}\n", "NET", "PORTS", "MACS", "LIMIT", "ATTACH");
+    let mut out = format!(
+        "{:<8} {:>5} {:>6} {:>6} {:>6}  {}\n",
+        "NET", "PORTS", "MACS", "LIMIT", "FLAPS", "ATTACH"
+    );
     for n in networks {
         out.push_str(&format!(
-            "{:<8} {:>5} {:>6} {:>6}  ctl={} bess={}\n",
-            n.id, n.ports, n.macs, n.mac_limit, n.attach.ctl, n.attach.bess
+            "{:<8} {:>5} {:>6} {:>6} {:>6}  ctl={} bess={}\n",
+            n.id, n.ports, n.macs, n.mac_limit, n.mac_flaps, n.attach.ctl, n.attach.bess
         ));
     }
     out

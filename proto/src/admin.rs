@@ -219,6 +219,9 @@ pub struct Network {
     pub mac_limit: usize,
     /// Sources not learned because the MAC table was full.
     pub mac_limit_hits: u64,
+    /// Moves of an address seen alternately on two ports: the mark of a loop.
+    #[serde(default)]
+    pub mac_flaps: u64,
     /// Where clients attach.
     pub attach: Attach,
 }

@@ -9,9 +9,14 @@
 //! - [`admin`]: the JSON-lines protocol between the `umnet` CLI and a running node.
 //! - [`peer`]: what nodes send each other: frames as QUIC datagrams, fragmented when they do
 //!   not fit, and announcements of the networks each serves.
+//! - [`beacon`]: the frame NIC ports send on their wire to find others bridging the same LAN.
+//! - [`offload`]: the virtio header of packet sockets, and turning offloaded super-frames,
+//!   partial checksums and stripped VLAN tags back into wire frames.
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod beacon;
 pub mod daemon;
 pub mod ethernet;
+pub mod offload;
 pub mod peer;

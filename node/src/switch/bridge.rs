@@ -34,6 +34,9 @@ pub(crate) enum Learned {
     Moved {
         /// The port it was on.
         from: PortId,
+        /// It had moved already less than [`FLAP_WINDOW`] before: the address is seen
+        /// alternately on two ports, the mark of a loop (or of two hosts sharing a MAC).
+        flapping: bool,
     },
     /// The table is full: the address was not learned, frames to it will be flooded.
     TableFull,
@@ -41,10 +44,17 @@ pub(crate) enum Learned {
     Ignored,
 }
 
+/// An address that moves again within this long of its last move is flapping. A guest that
+/// migrates, or a LAN whose forwarding node changes, moves an address once; a loop moves it
+/// back and forth many times a second.
+pub(crate) const FLAP_WINDOW: Duration = Duration::from_secs(2);
+
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     port: PortId,
     last_seen: Instant,
+    /// When the address last moved to another port.
+    moved: Option<Instant>,
 }
 
 /// One learned address, as the admin interface shows it.
@@ -62,6 +72,7 @@ pub(crate) struct Bridge {
     aging: Duration,
     limit: usize,
     limit_hits: u64,
+    flaps: u64,
 }
 
 impl Bridge {
@@ -69,7 +80,13 @@ impl Bridge {
     /// `limit` addresses.
     pub(crate) fn new(aging: Duration, limit: usize) -> Self {
         // Reserve for the common case only: a full table is allocated as it fills.
-        Bridge { fdb: HashMap::with_capacity(limit.min(256)), aging, limit, limit_hits: 0 }
+        Bridge {
+            fdb: HashMap::with_capacity(limit.min(256)),
+            aging,
+            limit,
+            limit_hits: 0,
+            flaps: 0,
+        }
     }
 
     /// Records that `source` was seen on `port`.
@@ -79,14 +96,22 @@ impl Bridge {
         }
         if let Some(entry) = self.fdb.get_mut(&source) {
             let from = entry.port;
-            *entry = Entry { port, last_seen: now };
-            return if from == port { Learned::Refreshed } else { Learned::Moved { from } };
+            entry.last_seen = now;
+            if from == port {
+                return Learned::Refreshed;
+            }
+            let flapping =
+                entry.moved.is_some_and(|moved| now.saturating_duration_since(moved) < FLAP_WINDOW);
+            entry.port = port;
+            entry.moved = Some(now);
+            self.flaps += u64::from(flapping);
+            return Learned::Moved { from, flapping };
         }
         if self.fdb.len() >= self.limit {
             self.limit_hits += 1;
             return Learned::TableFull;
         }
-        self.fdb.insert(source, Entry { port, last_seen: now });
+        self.fdb.insert(source, Entry { port, last_seen: now, moved: None });
         Learned::New
     }
 
@@ -140,6 +165,11 @@ impl Bridge {
     /// Sources not learned because the table was full.
     pub(crate) fn limit_hits(&self) -> u64 {
         self.limit_hits
+    }
+
+    /// Moves of an address that had moved less than [`FLAP_WINDOW`] before.
+    pub(crate) fn flaps(&self) -> u64 {
+        self.flaps
     }
 
     /// Every entry, for display.
@@ -205,8 +235,26 @@ mod tests {
         let now = Instant::now();
         let mut bridge = bridge();
         bridge.learn(mac(1), 1, now);
-        assert_eq!(bridge.learn(mac(1), 3, now), Learned::Moved { from: 1 });
+        let moved = bridge.learn(mac(1), 3, now);
+        assert_eq!(moved, Learned::Moved { from: 1, flapping: false });
         assert_eq!(bridge.decide(mac(1), 2, now), Decision::Forward(3));
+    }
+
+    #[test]
+    fn an_address_moving_back_and_forth_is_flapping() {
+        let start = Instant::now();
+        let mut bridge = bridge();
+        bridge.learn(mac(1), 1, start);
+        let later = |ms| start + Duration::from_millis(ms);
+        assert_eq!(bridge.learn(mac(1), 2, later(10)), Learned::Moved { from: 1, flapping: false });
+        assert_eq!(bridge.learn(mac(1), 1, later(20)), Learned::Moved { from: 2, flapping: true });
+        assert_eq!(bridge.learn(mac(1), 2, later(30)), Learned::Moved { from: 1, flapping: true });
+        assert_eq!(bridge.flaps(), 2);
+
+        // One move long after the last is a migration, not a flap.
+        let moved = bridge.learn(mac(1), 1, later(30) + FLAP_WINDOW);
+        assert_eq!(moved, Learned::Moved { from: 2, flapping: false });
+        assert_eq!(bridge.flaps(), 2);
     }
 
     #[test]
@@ -235,7 +283,7 @@ mod tests {
         assert_eq!(bridge.decide(mac(9), 1, now), Decision::Flood);
 
         // Known addresses still move and refresh at the limit.
-        assert_eq!(bridge.learn(mac(0), 2, now), Learned::Moved { from: 1 });
+        assert_eq!(bridge.learn(mac(0), 2, now), Learned::Moved { from: 1, flapping: false });
         assert_eq!(bridge.learn(mac(0), 2, now), Learned::Refreshed);
     }
 

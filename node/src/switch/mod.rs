@@ -97,6 +97,7 @@ pub(crate) struct NetworkSummary {
     pub(crate) macs: usize,
     pub(crate) mac_limit: usize,
     pub(crate) mac_limit_hits: u64,
+    pub(crate) mac_flaps: u64,
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -196,6 +197,7 @@ struct Network {
     ports: Vec<PortId>,
     bess: OwnedFd,
     table_full_warning: RateLimit,
+    flap_warning: RateLimit,
 }
 
 /// Lets one log line through per [`WARN_INTERVAL`] and counts the rest.
@@ -695,8 +697,13 @@ impl Switch {
             tracing::error!(net, %error, "cannot watch the network's BESS socket");
         }
         let bridge = Bridge::new(self.config.aging, self.config.mac_limit);
-        let network =
-            Network { bridge, ports: Vec::new(), bess, table_full_warning: RateLimit::default() };
+        let network = Network {
+            bridge,
+            ports: Vec::new(),
+            bess,
+            table_full_warning: RateLimit::default(),
+            flap_warning: RateLimit::default(),
+        };
         self.networks.insert(net, network);
         // Connections queued before the listener was registered are taken now.
         self.accept_bess(net);
@@ -828,6 +835,7 @@ impl Switch {
                 macs: network.bridge.len(),
                 mac_limit: network.bridge.limit(),
                 mac_limit_hits: network.bridge.limit_hits(),
+                mac_flaps: network.bridge.flaps(),
             })
             .collect()
     }
@@ -913,8 +921,20 @@ fn switch_frame(
 
     // Step 2: learn the source.
     match network.bridge.learn(header.source, id, now) {
-        Learned::Moved { from } => {
+        Learned::Moved { from, flapping: false } => {
             tracing::debug!(net, mac = %header.source, from, to = id, "address moved");
+        }
+        Learned::Moved { from, flapping: true } => {
+            if let Some(suppressed) = network.flap_warning.check(now) {
+                tracing::warn!(
+                    net,
+                    mac = %header.source,
+                    from,
+                    to = id,
+                    suppressed,
+                    "address flapping between ports: a loop, or two hosts with one MAC address"
+                );
+            }
         }
         Learned::TableFull => {
             if let Some(suppressed) = network.table_full_warning.check(now) {
