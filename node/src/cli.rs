@@ -35,6 +35,9 @@ pub(crate) fn run(run_dir: &Path, json: bool, command: Command) -> ExitCode {
         Command::Port(PortCommand::Add(AddPort::Tap { name, net })) => {
             Request::PortAddTap { name, net }
         }
+        Command::Port(PortCommand::Add(AddPort::Nic { name, net })) => {
+            Request::PortAddNic { name, net }
+        }
         Command::Port(PortCommand::Set { port, net }) => Request::PortSet { port, net },
         Command::Port(PortCommand::Rm { port }) => Request::PortRm { port },
         Command::Fdb { net } => Request::Fdb { net },
@@ -206,7 +209,7 @@ fn render_ports(ports: &[admin::Port]) -> String {
         }
         out.push_str(&format!(
             "{:<5} {:<5} {:<6} {:<28} {:>7} {:>10} {:>12} {:>10} {:>12}  {} (runt={} oversize={} \
-             bad-source={} queue-full={} send-error={})\n",
+             bad-source={} queue-full={} send-error={} standby={} bad-beacon={}){}\n",
             p.id,
             p.kind.to_string(),
             p.net,
@@ -222,6 +225,9 @@ fn render_ports(ports: &[admin::Port]) -> String {
             d.bad_source,
             d.queue_full,
             d.send_error,
+            d.standby,
+            d.bad_beacon,
+            p.state.as_ref().map(|state| format!("  {state}")).unwrap_or_default(),
         ));
     }
     out

@@ -39,7 +39,10 @@ pub(crate) struct Config {
     pub(crate) networks: Vec<NetworkSection>,
     /// Tap ports to attach.
     #[serde(default, rename = "tap")]
-    pub(crate) taps: Vec<TapSection>,
+    pub(crate) taps: Vec<DeviceSection>,
+    /// NICs to bridge onto networks.
+    #[serde(default, rename = "nic")]
+    pub(crate) nics: Vec<DeviceSection>,
     #[serde(default)]
     pub(crate) federation: FederationSection,
     /// Peers to dial.
@@ -140,10 +143,11 @@ pub(crate) struct NetworkSection {
     pub(crate) peers: Option<Vec<String>>,
 }
 
-/// `[[tap]]` in the config file.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// `[[tap]]` in the config file, and `[[nic]]` in the config and state files: a device and the
+/// network it is on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct TapSection {
+pub(crate) struct DeviceSection {
     pub(crate) name: String,
     pub(crate) net: NetworkId,
 }
@@ -201,9 +205,15 @@ impl Config {
             umnet_certs::validate_node_name(&peer.name)
                 .with_context(|| format!("[[peer]] {:?}", peer.name))?;
         }
-        for tap in &self.taps {
-            if !self.networks.iter().any(|n| n.id == tap.net) {
-                bail!("tap {} is on network {}, which no [[network]] declares", tap.name, tap.net);
+        for (kind, device) in
+            self.taps.iter().map(|t| ("tap", t)).chain(self.nics.iter().map(|n| ("nic", n)))
+        {
+            if !self.networks.iter().any(|n| n.id == device.net) {
+                bail!(
+                    "{kind} {} is on network {}, which no [[network]] declares",
+                    device.name,
+                    device.net
+                );
             }
         }
         Ok(())
@@ -239,6 +249,8 @@ pub(crate) struct State {
     pub(crate) networks: BTreeSet<NetworkId>,
     #[serde(default, rename = "tap")]
     pub(crate) taps: Vec<SavedTap>,
+    #[serde(default, rename = "nic")]
+    pub(crate) nics: Vec<DeviceSection>,
     #[serde(default, rename = "peer")]
     pub(crate) peers: Vec<PeerSection>,
 }
@@ -340,7 +352,7 @@ mod tests {
         let config: Config = toml::from_str(text).unwrap();
         config.check().unwrap();
         assert_eq!(config.networks.len(), 2);
-        assert_eq!(config.taps[0], TapSection { name: "tap0".into(), net: 101 });
+        assert_eq!(config.taps[0], DeviceSection { name: "tap0".into(), net: 101 });
         assert_eq!(config.switch_config().aging, Duration::from_secs(60));
     }
 
@@ -364,6 +376,7 @@ mod tests {
             ("[switch]\nmac_limit = 0", "mac_limit"),
             ("[switch]\nsocket_mode = \"rw\"", "socket_mode"),
             ("[[tap]]\nname = \"t\"\nnet = 5", "no [[network]]"),
+            ("[[nic]]\nname = \"eth1\"\nnet = 5", "nic eth1 is on network 5"),
         ];
         for (text, expected) in bad {
             let config: Config = toml::from_str(text).unwrap();
@@ -380,6 +393,7 @@ mod tests {
         let state = State {
             networks: [100, 101].into(),
             taps: vec![SavedTap { name: "tap0".into(), net: 100, created: true }],
+            nics: vec![DeviceSection { name: "eth1".into(), net: 101 }],
             peers: vec![PeerSection { name: "b".into(), address: "10.9.0.2:7780".into() }],
         };
         state.save(&dir).unwrap();

@@ -166,6 +166,14 @@ pub(crate) enum AddPort {
         #[arg(long, default_value_t = config::DEFAULT_NETWORK)]
         net: NetworkId,
     },
+    /// A network interface, bridged onto the network: its LAN joins it.
+    Nic {
+        /// Interface name.
+        name: String,
+        /// Network it joins.
+        #[arg(long, default_value_t = config::DEFAULT_NETWORK)]
+        net: NetworkId,
+    },
 }
 
 fn main() -> ExitCode {

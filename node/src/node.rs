@@ -16,10 +16,10 @@ use anyhow::{bail, Context};
 use tokio::sync::oneshot;
 use umnet_proto::admin::{self, Attach, ErrorKind, NetworkId, PortKind, Reply, Request};
 
-use crate::config::{self, Config, PeerSection, SavedTap, State, DEFAULT_NETWORK};
+use crate::config::{self, Config, DeviceSection, PeerSection, SavedTap, State, DEFAULT_NETWORK};
 use crate::peers::Federation;
 use crate::rejects::RejectCounters;
-use crate::switch::{self, Command, Link, NewPort, PortId};
+use crate::switch::{self, Command, Link, NewPort, NicLink, PortId};
 use crate::{control, sys};
 
 /// Where a node's directories and config come from.
@@ -44,6 +44,9 @@ pub(crate) struct Node {
     pub(crate) rejects: Arc<RejectCounters>,
     pub(crate) socket_mode: u32,
     pub(crate) started: Instant,
+    /// The node's name: its certificate's, or the host's without one. NIC ports put it in
+    /// their beacons.
+    node_name: String,
     /// Peers, when the node has an identity.
     federation: Option<Arc<Federation>>,
     inner: Mutex<Inner>,
@@ -55,16 +58,17 @@ struct Inner {
     networks: BTreeMap<NetworkId, tokio::task::AbortHandle>,
     /// What is persisted.
     state: State,
-    /// Tap ports by device name.
-    taps: BTreeMap<String, TapPort>,
+    /// Tap and NIC ports by device name.
+    devices: BTreeMap<String, DevicePort>,
     /// Control connections of daemon and libvdeplug ports: dropping the sender closes it.
     control_connections: HashMap<PortId, oneshot::Sender<()>>,
 }
 
 #[derive(Debug, Clone, Copy)]
-struct TapPort {
+struct DevicePort {
     id: PortId,
-    /// The node created the device: it deletes it when the port is removed.
+    kind: PortKind,
+    /// The node created the device (a tap): it deletes it when the port is removed.
     created: bool,
 }
 
@@ -145,6 +149,12 @@ async fn serve(
                     )
                 })
             })?;
+    let node_name = match &federation {
+        Some(federation) => federation.name().to_string(),
+        None => fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .unwrap_or_else(|_| "umnet".into()),
+    };
     let node = Arc::new(Node {
         run_dir: run_dir.clone(),
         state_dir,
@@ -152,6 +162,7 @@ async fn serve(
         rejects,
         socket_mode,
         started: Instant::now(),
+        node_name,
         federation,
         inner: Mutex::new(Inner { state: state.clone(), ..Inner::default() }),
     });
@@ -182,6 +193,18 @@ async fn serve(
     for tap in taps {
         if let Err(error) = node.open_tap(&tap.name, tap.net, tap.created) {
             tracing::error!(tap = %tap.name, net = tap.net, %error, "cannot restore tap port");
+        }
+    }
+    let mut nics = state.nics.clone();
+    for nic in &config.nics {
+        if !nics.iter().any(|n| n.name == nic.name) {
+            nics.push(nic.clone());
+        }
+    }
+    for nic in nics {
+        // An interface that is not there yet is waited for: it may come up after the node.
+        if let Err(error) = node.open_nic(&nic.name, nic.net, true) {
+            tracing::error!(nic = %nic.name, net = nic.net, %error, "cannot restore NIC port");
         }
     }
 
@@ -357,6 +380,14 @@ impl Node {
             }
             Request::PortAddTap { name, net } => {
                 let port = self.add_tap(&name, net)?;
+                Ok(Reply::Ports(vec![port]))
+            }
+            Request::PortAddNic { name, net } => {
+                let port = self.open_nic(&name, net, false)?;
+                self.update_state(|state| {
+                    state.nics.retain(|nic| nic.name != name);
+                    state.nics.push(DeviceSection { name: name.clone(), net });
+                })?;
                 Ok(Reply::Ports(vec![port]))
             }
             Request::PortSet { port, net } => {
@@ -548,6 +579,7 @@ impl Node {
         self.update_state(|state| {
             state.networks.remove(&net);
             state.taps.retain(|tap| tap.net != net);
+            state.nics.retain(|nic| nic.net != net);
         })
     }
 
@@ -563,8 +595,8 @@ impl Node {
         if !self.inner().networks.contains_key(&net) {
             return Err(refused(ErrorKind::NotFound, format!("no network {net}")));
         }
-        if self.inner().taps.contains_key(name) {
-            return Err(refused(ErrorKind::Exists, format!("tap {name} is a port already")));
+        if self.inner().devices.contains_key(name) {
+            return Err(refused(ErrorKind::Exists, format!("{name} is a port already")));
         }
         let created = created || !sys::interface_exists(name);
         let fd = sys::open_tap(name).map_err(|error| tap_error(name, &error))?;
@@ -581,14 +613,69 @@ impl Node {
             client: name.to_string(),
             pid: None,
             counters: Default::default(),
+            state: None,
         };
         let client = name.to_string();
         let link = Link::Device(fd);
         let new = NewPort { id, kind: PortKind::Tap, net, client, pid: None, link };
         self.switch.send(Command::AddPort { port: new, attached: None });
-        self.inner().taps.insert(name.to_string(), TapPort { id, created });
+        let device = DevicePort { id, kind: PortKind::Tap, created };
+        self.inner().devices.insert(name.to_string(), device);
         tracing::info!(tap = name, net, created, "tap port opened");
         Ok((port, created))
+    }
+
+    /// Bridges interface `name` onto `net` through a packet socket. When `restoring`, an
+    /// interface that does not exist (yet) is waited for; asked for by an operator, it is an
+    /// error, so a mistyped name is reported rather than waited for.
+    fn open_nic(
+        &self,
+        name: &str,
+        net: NetworkId,
+        restoring: bool,
+    ) -> Result<admin::Port, admin::Error> {
+        if !self.inner().networks.contains_key(&net) {
+            return Err(refused(ErrorKind::NotFound, format!("no network {net}")));
+        }
+        if self.inner().devices.contains_key(name) {
+            return Err(refused(ErrorKind::Exists, format!("{name} is a port already")));
+        }
+        if name == "lo" {
+            return Err(refused(ErrorKind::Invalid, "the loopback interface carries no Ethernet"));
+        }
+        sys::interface_index(name).map_err(|error| nic_error(name, &error)).or_else(|error| {
+            if restoring && error.kind == ErrorKind::NotFound {
+                Ok(0)
+            } else {
+                Err(error)
+            }
+        })?;
+        let now = Instant::now();
+        let link = if sys::interface_exists(name) {
+            let socket = sys::open_packet_socket(name).map_err(|error| nic_error(name, &error))?;
+            NicLink::new(&self.node_name, name, Some(socket), net, now)
+        } else {
+            tracing::warn!(nic = name, net, "interface not found; the NIC port waits for it");
+            NicLink::new(&self.node_name, name, None, net, now)
+        };
+
+        let id = self.switch.next_port_id();
+        let client = name.to_string();
+        let new =
+            NewPort { id, kind: PortKind::Nic, net, client, pid: None, link: Link::Nic(link) };
+        self.switch.send(Command::AddPort { port: new, attached: None });
+        let device = DevicePort { id, kind: PortKind::Nic, created: false };
+        self.inner().devices.insert(name.to_string(), device);
+        tracing::info!(nic = name, net, "NIC port opened");
+        Ok(admin::Port {
+            id,
+            kind: PortKind::Nic,
+            net,
+            client: name.to_string(),
+            pid: None,
+            counters: Default::default(),
+            state: Some("listening".into()),
+        })
     }
 
     fn add_tap(&self, name: &str, net: NetworkId) -> Result<admin::Port, admin::Error> {
@@ -600,44 +687,55 @@ impl Node {
         Ok(port)
     }
 
-    /// A port id, or the device name of a tap port.
+    /// A port id, or the device name of a tap or NIC port.
     fn resolve_port(&self, port: &str) -> Result<PortId, admin::Error> {
-        if let Some(tap) = self.inner().taps.get(port) {
-            return Ok(tap.id);
+        if let Some(device) = self.inner().devices.get(port) {
+            return Ok(device.id);
         }
         port.parse().map_err(|_| {
-            refused(ErrorKind::NotFound, format!("no port {port:?} (give a port id or a tap name)"))
+            refused(
+                ErrorKind::NotFound,
+                format!("no port {port:?} (give a port id, or a tap or NIC name)"),
+            )
         })
     }
 
-    /// Records a tap port's new network.
+    /// Records a tap or NIC port's new network; one the config file declared is saved from
+    /// now on, so the move survives a restart.
     fn moved_port(&self, port: &admin::Port) -> Result<(), admin::Error> {
-        let name =
-            self.inner().taps.iter().find(|(_, tap)| tap.id == port.id).map(|(n, _)| n.clone());
-        match name {
-            Some(name) => self.update_state(|state| {
-                for tap in state.taps.iter_mut().filter(|tap| tap.name == name) {
-                    tap.net = port.net;
-                }
-            }),
-            None => Ok(()),
-        }
+        let inner = self.inner();
+        let found = inner.devices.iter().find(|(_, d)| d.id == port.id);
+        let Some((name, device)) = found.map(|(name, device)| (name.clone(), *device)) else {
+            return Ok(());
+        };
+        drop(inner);
+        let net = port.net;
+        self.update_state(|state| match device.kind {
+            PortKind::Nic => {
+                state.nics.retain(|nic| nic.name != name);
+                state.nics.push(DeviceSection { name, net });
+            }
+            _ => {
+                state.taps.retain(|tap| tap.name != name);
+                state.taps.push(SavedTap { name, net, created: device.created });
+            }
+        })
     }
 
     /// Closes what the control side holds for ports the switch removed: their control
-    /// connections, and their taps (deleting those the node created).
+    /// connections, and their taps and NICs (deleting the taps the node created).
     fn forget_ports(&self, ports: &[PortId]) -> Result<(), admin::Error> {
         let mut names = Vec::new();
         {
             let mut inner = self.inner();
             for id in ports {
                 inner.control_connections.remove(id);
-                let found = inner.taps.iter().find(|(_, tap)| tap.id == *id);
-                let Some((name, tap)) = found.map(|(name, tap)| (name.clone(), *tap)) else {
+                let found = inner.devices.iter().find(|(_, device)| device.id == *id);
+                let Some((name, device)) = found.map(|(name, d)| (name.clone(), *d)) else {
                     continue;
                 };
-                inner.taps.remove(&name);
-                if tap.created {
+                inner.devices.remove(&name);
+                if device.kind == PortKind::Tap && device.created {
                     delete_tap(&name);
                 }
                 names.push(name);
@@ -646,7 +744,10 @@ impl Node {
         if names.is_empty() {
             return Ok(());
         }
-        self.update_state(|state| state.taps.retain(|tap| !names.contains(&tap.name)))
+        self.update_state(|state| {
+            state.taps.retain(|tap| !names.contains(&tap.name));
+            state.nics.retain(|nic| !names.contains(&nic.name));
+        })
     }
 
     /// Registers the control connection of a daemon or libvdeplug port; the returned receiver
@@ -701,6 +802,25 @@ fn delete_tap(name: &str) {
     match result {
         Ok(()) => tracing::info!(tap = name, "tap deleted"),
         Err(error) => tracing::warn!(tap = name, %error, "cannot delete tap"),
+    }
+}
+
+fn nic_error(name: &str, error: &io::Error) -> admin::Error {
+    if error.kind() == io::ErrorKind::InvalidInput {
+        return refused(ErrorKind::Invalid, error.to_string());
+    }
+    match error.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => refused(
+            ErrorKind::Permission,
+            format!(
+                "cannot open a packet socket on {name}: {error}; a NIC port needs CAP_NET_RAW \
+                 (run the node as root, or give it the capability, as deploy/umnet.service does)"
+            ),
+        ),
+        Some(libc::ENODEV) | Some(libc::ENXIO) => {
+            refused(ErrorKind::NotFound, format!("no network interface {name}"))
+        }
+        _ => refused(ErrorKind::Internal, format!("cannot attach to {name}: {error}")),
     }
 }
 

@@ -629,6 +629,11 @@ impl Federation {
         Ok(closed)
     }
 
+    /// This node's name, from its certificate.
+    pub(crate) fn name(&self) -> &str {
+        &self.settings.name
+    }
+
     /// The node's name, where it listens, and what arrived there, for `umnet status`.
     pub(crate) fn status(&self) -> admin::FederationStatus {
         let counters = &self.settings.counters;

@@ -3,8 +3,12 @@
 //! - Unix addresses as raw 110-byte `sockaddr_un`s: UML names its data socket with all 108
 //!   path bytes significant, and replies must be bound the same way (see
 //!   [`umnet_proto::daemon::UnixAddress`]).
-//! - `recvmmsg`, to take a batch of frames per system call.
+//! - `recvmmsg`, to take a batch of frames per system call, with the packet socket's per-frame
+//!   information (direction, stripped VLAN tag) when asked.
 //! - Tap devices (`TUNSETIFF`) and interface flags.
+//! - Packet sockets on NICs: bound to one interface, promiscuous through a membership the
+//!   kernel drops when the socket closes (so a killed node leaves no interface promiscuous),
+//!   with auxiliary data and virtio headers.
 //!
 //! Everything unsafe in the node lives here, each block with the invariant it relies on.
 
@@ -168,7 +172,15 @@ pub(crate) struct Received {
     pub(crate) len: usize,
     /// The datagram was longer than the slot and was cut (`MSG_TRUNC`).
     pub(crate) truncated: bool,
+    /// A packet socket saw the host send this frame (`PACKET_OUTGOING`), rather than receive
+    /// it from the wire.
+    pub(crate) outgoing: bool,
+    /// The 802.1Q tag the NIC stripped (TPID, TCI), from the packet socket's auxiliary data.
+    pub(crate) vlan: Option<(u16, u16)>,
 }
+
+/// Room for one `tpacket_auxdata` control message (CMSG_SPACE of 20 bytes is 40).
+const CONTROL_LEN: usize = 64;
 
 /// Buffers for receiving up to `slots` datagrams in one `recvmmsg` call.
 pub(crate) struct RecvBatch {
@@ -176,6 +188,9 @@ pub(crate) struct RecvBatch {
     slot_len: usize,
     iovecs: Vec<libc::iovec>,
     headers: Vec<libc::mmsghdr>,
+    /// Per slot, for packet sockets: the sender's link-layer address and the control messages.
+    names: Vec<libc::sockaddr_ll>,
+    controls: Vec<u8>,
     received: Vec<Received>,
 }
 
@@ -211,16 +226,45 @@ impl RecvBatch {
                 header
             })
             .collect();
-        RecvBatch { buffers, slot_len, iovecs, headers, received: Vec::with_capacity(slots) }
+        RecvBatch {
+            buffers,
+            slot_len,
+            iovecs,
+            headers,
+            names: Vec::new(),
+            controls: Vec::new(),
+            received: Vec::with_capacity(slots),
+        }
+    }
+
+    /// A batch for a packet socket: besides the frames, each slot takes the link-layer
+    /// address (for the direction) and the auxiliary data (for a stripped VLAN tag).
+    pub(crate) fn for_packets(slots: usize, slot_len: usize) -> Self {
+        let mut batch = Self::new(slots, slot_len);
+        // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+        batch.names = vec![unsafe { mem::zeroed() }; slots];
+        batch.controls = vec![0u8; slots * CONTROL_LEN];
+        for (i, header) in batch.headers.iter_mut().enumerate() {
+            // SAFETY: i < slots, within both allocations, which are never reallocated.
+            header.msg_hdr.msg_name = unsafe { batch.names.as_mut_ptr().add(i) } as *mut _;
+            header.msg_hdr.msg_control =
+                unsafe { batch.controls.as_mut_ptr().add(i * CONTROL_LEN) } as *mut _;
+        }
+        batch
     }
 
     /// Receives what is queued on `fd`, up to one batch, without blocking. Returns the number
     /// of datagrams; 0 means none were waiting (`EAGAIN`).
     pub(crate) fn receive(&mut self, fd: RawFd) -> io::Result<usize> {
         self.received.clear();
+        let packets = !self.names.is_empty();
         for header in &mut self.headers {
             header.msg_hdr.msg_flags = 0;
             header.msg_len = 0;
+            if packets {
+                header.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_ll>() as u32;
+                header.msg_hdr.msg_controllen = CONTROL_LEN as _;
+            }
         }
         debug_assert_eq!(self.iovecs.len(), self.headers.len());
 
@@ -242,10 +286,16 @@ impl RecvBatch {
                 _ => Err(error),
             };
         }
-        for header in &self.headers[..ret as usize] {
+        for (index, header) in self.headers[..ret as usize].iter().enumerate() {
+            let (outgoing, vlan) = match self.names.get(index) {
+                Some(name) => (name.sll_pkttype == PACKET_OUTGOING, stripped_tag(&header.msg_hdr)),
+                None => (false, None),
+            };
             self.received.push(Received {
                 len: header.msg_len as usize,
                 truncated: header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                outgoing,
+                vlan,
             });
         }
         Ok(ret as usize)
@@ -256,6 +306,169 @@ impl RecvBatch {
         let received = self.received[index];
         let start = index * self.slot_len;
         (&self.buffers[start..start + received.len], received)
+    }
+
+    /// The `index`th datagram, to be changed in place (a checksum completed).
+    pub(crate) fn get_mut(&mut self, index: usize) -> (&mut [u8], Received) {
+        let received = self.received[index];
+        let start = index * self.slot_len;
+        (&mut self.buffers[start..start + received.len], received)
+    }
+}
+
+/// `sll_pkttype` of a frame the host sent.
+const PACKET_OUTGOING: u8 = 4;
+/// Auxiliary data of a packet socket: `tp_vlan_tci` is valid.
+const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
+/// Auxiliary data of a packet socket: `tp_vlan_tpid` is valid.
+const TP_STATUS_VLAN_TPID_VALID: u32 = 1 << 6;
+const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
+const PACKET_MR_PROMISC: libc::c_ushort = 1;
+const PACKET_AUXDATA: libc::c_int = 8;
+const PACKET_VNET_HDR: libc::c_int = 15;
+
+/// The VLAN tag a packet socket's auxiliary data reports as stripped from a frame, if any.
+fn stripped_tag(message: &libc::msghdr) -> Option<(u16, u16)> {
+    // SAFETY: the kernel filled msg_control with msg_controllen bytes of well-formed control
+    // messages; the CMSG macros walk them within that length.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(message);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_PACKET && (*cmsg).cmsg_type == PACKET_AUXDATA {
+                let aux = (libc::CMSG_DATA(cmsg) as *const libc::tpacket_auxdata).read_unaligned();
+                if aux.tp_status & TP_STATUS_VLAN_VALID == 0 {
+                    return None;
+                }
+                let tpid = if aux.tp_status & TP_STATUS_VLAN_TPID_VALID != 0 {
+                    aux.tp_vlan_tpid
+                } else {
+                    umnet_proto::ethernet::ETHERTYPE_VLAN
+                };
+                return Some((tpid, aux.tp_vlan_tci));
+            }
+            cmsg = libc::CMSG_NXTHDR(message, cmsg);
+        }
+    }
+    None
+}
+
+/// Index of network interface `name`.
+pub(crate) fn interface_index(name: &str) -> io::Result<u32> {
+    ifreq(name)?;
+    let c_name = CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: c_name is a valid C string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(index)
+}
+
+/// The hardware address of interface `name`.
+pub(crate) fn interface_mac(name: &str) -> io::Result<[u8; 6]> {
+    #[repr(C)]
+    struct HwAddrReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        address: libc::sockaddr,
+        _pad: [u8; 8],
+    }
+    let control = unix_socket(libc::SOCK_DGRAM)?;
+    let named = ifreq(name)?;
+    // SAFETY: sockaddr is plain old data; all-zero is valid.
+    let mut request =
+        HwAddrReq { name: named.name, address: unsafe { mem::zeroed() }, _pad: [0; 8] };
+    // SAFETY: SIOCGIFHWADDR reads and writes one struct ifreq, which HwAddrReq is laid out as.
+    check(unsafe {
+        libc::ioctl(control.as_raw_fd(), libc::SIOCGIFHWADDR, &mut request as *mut HwAddrReq)
+    })?;
+    let mut mac = [0u8; 6];
+    for (dst, src) in mac.iter_mut().zip(request.address.sa_data.iter()) {
+        *dst = *src as u8;
+    }
+    Ok(mac)
+}
+
+fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: value points at a live T and the length passed is its size.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value as *const T as *const libc::c_void,
+            mem::size_of::<T>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// A packet socket on interface `name` for a NIC port: every frame on the wire, in either
+/// direction, each prefixed with a virtio header and accompanied by auxiliary data; the
+/// interface is promiscuous for as long as the socket is open. Frames the socket sends itself
+/// are never read back by it.
+///
+/// Needs `CAP_NET_RAW`; without it the error is `EPERM`.
+pub(crate) fn open_packet_socket(name: &str) -> io::Result<OwnedFd> {
+    let index = interface_index(name)?;
+    let protocol = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket(2) has no memory arguments; a non-negative result is a fresh descriptor
+    // that we own.
+    let fd = check(unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::c_int::from(protocol),
+        )
+    })?;
+    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Options first: frames that arrive between bind and the options would lack them.
+    let on: libc::c_int = 1;
+    set_option(&fd, libc::SOL_PACKET, PACKET_AUXDATA, &on)?;
+    set_option(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, &on)?;
+
+    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+    let mut address: libc::sockaddr_ll = unsafe { mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = protocol;
+    address.sll_ifindex = index as libc::c_int;
+    // SAFETY: address is a valid sockaddr_ll and the length passed is its size.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &address as *const libc::sockaddr_ll as *const libc::sockaddr,
+            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })?;
+
+    // SAFETY: packet_mreq is plain old data; all-zero is valid.
+    let mut membership: libc::packet_mreq = unsafe { mem::zeroed() };
+    membership.mr_ifindex = index as libc::c_int;
+    membership.mr_type = PACKET_MR_PROMISC;
+    set_option(&fd, libc::SOL_PACKET, PACKET_ADD_MEMBERSHIP, &membership)?;
+    Ok(fd)
+}
+
+/// Sends the concatenation of `parts` as one frame on a connected or bound socket, without
+/// blocking.
+pub(crate) fn send_parts(fd: RawFd, parts: &[&[u8]]) -> io::Result<usize> {
+    let mut iovecs: [libc::iovec; 2] =
+        [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
+    let count = parts.len().min(iovecs.len());
+    for (iovec, part) in iovecs.iter_mut().zip(parts) {
+        *iovec = libc::iovec { iov_base: part.as_ptr() as *mut libc::c_void, iov_len: part.len() };
+    }
+    // SAFETY: msghdr is plain old data; all-zero is valid (no name, no control).
+    let mut message: libc::msghdr = unsafe { mem::zeroed() };
+    message.msg_iov = iovecs.as_mut_ptr();
+    message.msg_iovlen = count as _;
+    // SAFETY: every iovec points into a slice of `parts`, alive for the call; the kernel only
+    // reads through them.
+    let ret = unsafe { libc::sendmsg(fd, &message, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
     }
 }
 

@@ -46,6 +46,13 @@ pub enum Request {
         /// Network the port joins.
         net: NetworkId,
     },
+    /// Bridges network interface `name` onto `net`.
+    PortAddNic {
+        /// Interface name, at most 15 bytes.
+        name: String,
+        /// Network the port joins.
+        net: NetworkId,
+    },
     /// Moves a live port to another network.
     PortSet {
         /// Port id, or a tap port's device name.
@@ -249,6 +256,8 @@ pub enum PortKind {
     Bess,
     /// A tap device: the host joins the network.
     Tap,
+    /// A NIC, bridged onto the network through a packet socket.
+    Nic,
     /// Another node, for one network both serve.
     Peer,
 }
@@ -260,6 +269,7 @@ impl std::fmt::Display for PortKind {
             PortKind::Vde => "vde",
             PortKind::Bess => "bess",
             PortKind::Tap => "tap",
+            PortKind::Nic => "nic",
             PortKind::Peer => "peer",
         })
     }
@@ -280,6 +290,10 @@ pub struct Port {
     pub pid: Option<u32>,
     /// Traffic and drops.
     pub counters: PortCounters,
+    /// What the port is doing, where that varies: for a NIC port, whether it forwards, stands
+    /// by for another port on its LAN, or waits for its interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 /// Traffic of one port, seen from the switch: `rx` came in from the client, `tx` went out to
@@ -311,12 +325,24 @@ pub struct Drops {
     pub queue_full: u64,
     /// Frames for this port the kernel refused to send.
     pub send_error: u64,
+    /// Frames a NIC port on standby did not pass: another port forwards for its LAN.
+    #[serde(default)]
+    pub standby: u64,
+    /// Frames of the beacon EtherType that are no beacon a node sends.
+    #[serde(default)]
+    pub bad_beacon: u64,
 }
 
 impl Drops {
     /// All drops.
     pub fn total(&self) -> u64 {
-        self.runt + self.oversize + self.bad_source + self.queue_full + self.send_error
+        self.runt
+            + self.oversize
+            + self.bad_source
+            + self.queue_full
+            + self.send_error
+            + self.standby
+            + self.bad_beacon
     }
 }
 

@@ -10,6 +10,7 @@
 //! * [`Background`] keeps any other daemon (uml_switch, vde_switch) running for a test.
 //! * [`client::DaemonClient`] speaks the UML daemon protocol itself, to send what no guest
 //!   would.
+//! * [`cluster`] makes a CA, hosts on a shared underlay, and nodes with identities on them.
 //! * [`TestPeer`] completes a real QUIC handshake with a node and then sends what no node
 //!   would.
 //! * [`wait_until`] and [`wait_for`] replace fixed sleeps with bounded polling.
@@ -27,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod cluster;
 pub mod guest;
 pub mod netns;
 pub mod node;

@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::netns::{command_in, Netns};
-use crate::process::{self, check_output, describe, tail, Background, COMMAND_TIMEOUT, POLL};
+use crate::process::{
+    self, check_output, describe, require_program, tail, Background, COMMAND_TIMEOUT, POLL,
+};
 use crate::temp::TempDir;
 use crate::wait::wait_until;
 
@@ -55,6 +57,7 @@ pub struct NodeOptions {
     run_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     args: Vec<String>,
+    dropped_capabilities: Vec<String>,
 }
 
 impl NodeOptions {
@@ -84,6 +87,13 @@ impl NodeOptions {
     /// Uses `dir` as the state directory instead of a fresh one. The caller owns it.
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> NodeOptions {
         self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Runs the node without `capability` (as `net_raw`), as an operator who did not grant it
+    /// would, through util-linux's `setpriv`.
+    pub fn without_capability(mut self, capability: &str) -> NodeOptions {
+        self.dropped_capabilities.push(capability.to_owned());
         self
     }
 
@@ -143,7 +153,16 @@ impl Node {
     }
 
     fn launch(&mut self) -> Result<()> {
-        let mut command = command_in(self.options.netns.as_deref(), &self.bin)?;
+        let netns = self.options.netns.as_deref();
+        let mut command = if self.options.dropped_capabilities.is_empty() {
+            command_in(netns, &self.bin)?
+        } else {
+            let mut command = command_in(netns, require_program("setpriv", "util-linux")?)?;
+            let dropped: Vec<String> =
+                self.options.dropped_capabilities.iter().map(|c| format!("-{c}")).collect();
+            command.arg(format!("--bounding-set={}", dropped.join(","))).arg("--").arg(&self.bin);
+            command
+        };
         command.arg("node").arg("--run-dir").arg(&self.run_dir);
         command.arg("--state-dir").arg(&self.state_dir);
         if let Some(config) = &self.config_path {

@@ -6,119 +6,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use anyhow::{Context, Result};
+use umnet_tests::cluster::{
+    address, counter, peer, umnet, wait_connected, Ca, Underlay, NETWORKS, PEER_PORT,
+};
 use umnet_tests::process::run;
 use umnet_tests::{
-    mac, umnet_bin, wait_for, Guest, GuestConfig, Netns, Node, NodeOptions, TempDir, TestPeer, Veth,
+    mac, umnet_bin, wait_for, Guest, GuestConfig, Node, NodeOptions, TempDir, TestPeer,
 };
-
-const PEER_PORT: u16 = 7780;
-
-/// Runs the umnet CLI for local files (CA and certificates).
-fn umnet(args: &[&str]) -> Result<String> {
-    let mut command = Command::new(umnet_bin()?);
-    command.args(args);
-    let output = run(&mut command, Duration::from_secs(30))?;
-    if !output.status.success() {
-        bail!("umnet {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// A cluster CA in a temporary directory.
-struct Ca {
-    dir: TempDir,
-}
-
-impl Ca {
-    fn new(name: &str) -> Result<Ca> {
-        let dir = TempDir::new("ca")?;
-        let ca = dir.join("ca");
-        umnet(&["ca", "init", "--dir", &ca.display().to_string(), "--name", name])?;
-        Ok(Ca { dir })
-    }
-
-    /// Issues an identity for `name`, valid for `days`.
-    fn issue(&self, name: &str, days: u32) -> Result<String> {
-        let out = self.dir.join(format!("{name}.pem")).display().to_string();
-        let ca = self.dir.join("ca").display().to_string();
-        umnet(&["ca", "issue", name, "--dir", &ca, "--out", &out, "--days", &days.to_string()])?;
-        Ok(out)
-    }
-}
-
-/// Hosts on one bridged underlay: host `i` has address 10.200.0.`i+1`.
-struct Underlay {
-    hosts: Vec<Netns>,
-    _links: Vec<Veth>,
-    _switch: Netns,
-}
-
-impl Underlay {
-    fn new(names: &[&str], mtu: u32) -> Result<Underlay> {
-        let switch = Netns::new("under")?;
-        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
-        switch.ip(&["link", "set", "br0", "mtu", &mtu.to_string(), "up"])?;
-        let mut hosts = Vec::new();
-        let mut links = Vec::new();
-        for (i, name) in names.iter().enumerate() {
-            let host = Netns::new(name)?;
-            let port = format!("p{i}");
-            links.push(Veth::between(&switch, &port, &host, "eth0")?);
-            switch.ip(&["link", "set", &port, "master", "br0", "mtu", &mtu.to_string(), "up"])?;
-            host.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()])?;
-            host.addr("eth0", &format!("10.200.0.{}/24", i + 1))?;
-            hosts.push(host);
-        }
-        Ok(Underlay { hosts, _links: links, _switch: switch })
-    }
-}
-
-fn address(i: usize) -> String {
-    format!("10.200.0.{}:{PEER_PORT}", i + 1)
-}
-
-/// Networks 100 and 101, open to every peer: what most nodes of these tests serve.
-const NETWORKS: &str = "[[network]]\nid = 100\n\n[[network]]\nid = 101\n";
-
-/// Starts a node on host `i` with `identity` and a config of `networks` (and whatever else
-/// it holds) and `peers` (index, name).
-fn start_node(
-    underlay: &Underlay,
-    i: usize,
-    identity: &str,
-    peers: &[(usize, &str)],
-    networks: &str,
-) -> Result<Node> {
-    let mut config = networks.to_string();
-    for (j, name) in peers {
-        config.push_str(&format!("\n[[peer]]\nname = \"{name}\"\naddress = \"{}\"\n", address(*j)));
-    }
-    Node::start(
-        NodeOptions::new()
-            .netns(&underlay.hosts[i])
-            .config(&config)
-            .arg("--identity")
-            .arg(identity)
-            .arg("--listen")
-            .arg(&format!("0.0.0.0:{PEER_PORT}")),
-    )
-}
-
-fn peer<'a>(peers: &'a Value, name: &str) -> Option<&'a Value> {
-    peers.as_array()?.iter().find(|p| p["name"] == name)
-}
-
-/// Waits until `node` is connected to every peer in `names`.
-fn wait_connected(node: &Node, names: &[&str]) -> Result<()> {
-    wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
-        let peers = node.cli_json(&["peer", "list"])?;
-        let all = names.iter().all(|n| peer(&peers, n).is_some_and(|p| p["state"] == "connected"));
-        Ok(all.then_some(()))
-    })
-    .with_context(|| format!("peers {names:?} did not connect:\n{}", node.log()))
-}
 
 #[test]
 fn guests_on_two_hosts_and_a_tap_on_a_third_share_network_100() -> Result<()> {
@@ -131,7 +26,7 @@ fn guests_on_two_hosts_and_a_tap_on_a_third_share_network_100() -> Result<()> {
     let mut nodes = Vec::new();
     for i in 0..3 {
         let peers: Vec<(usize, &str)> = (0..3).filter(|&j| j != i).map(|j| (j, names[j])).collect();
-        nodes.push(start_node(&underlay, i, &ca.issue(names[i], 30)?, &peers, networks[i])?);
+        nodes.push(underlay.start_node(i, &ca.issue(names[i], 30)?, &peers, networks[i])?);
     }
     for (i, node) in nodes.iter().enumerate() {
         let others: Vec<&str> = (0..3).filter(|&j| j != i).map(|j| names[j]).collect();
@@ -208,8 +103,8 @@ fn guests_on_two_hosts_and_a_tap_on_a_third_share_network_100() -> Result<()> {
 fn an_underlay_mtu_of_1280_carries_full_frames() -> Result<()> {
     let ca = Ca::new("mtu")?;
     let underlay = Underlay::new(&["a", "b"], 1280)?;
-    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[(1, "b")], NETWORKS)?;
-    let b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
+    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[(1, "b")], NETWORKS)?;
+    let b = underlay.start_node(1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
     wait_connected(&a, &["b"])?;
     let ga = Guest::boot(
         GuestConfig::new("ga").daemon(0, &mac(1), &a.ctl(100)).netns(&underlay.hosts[0]),
@@ -238,14 +133,14 @@ fn strangers_cannot_join_and_allowed_networks_hold() -> Result<()> {
     let underlay = Underlay::new(&["a", "b", "x", "y", "z"], 1500)?;
     let restrict = format!("{NETWORKS}\n[[network]]\nid = 102\npeers = [\"c\"]\n");
     let with_102 = format!("{NETWORKS}\n[[network]]\nid = 102\n");
-    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[(1, "b")], &with_102)?;
-    let b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[(0, "a")], &restrict)?;
+    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[(1, "b")], &with_102)?;
+    let b = underlay.start_node(1, &ca.issue("b", 30)?, &[(0, "a")], &restrict)?;
     wait_connected(&a, &["b"])?;
 
     // x: a certificate from another CA; y: an expired one; z: none at all (no identity, so
     // it cannot even dial). Each dials a.
-    let x = start_node(&underlay, 2, &foreign.issue("x", 30)?, &[(0, "a")], NETWORKS)?;
-    let y = start_node(&underlay, 3, &ca.issue("y", 0)?, &[(0, "a")], NETWORKS);
+    let x = underlay.start_node(2, &foreign.issue("x", 30)?, &[(0, "a")], NETWORKS)?;
+    let y = underlay.start_node(3, &ca.issue("y", 0)?, &[(0, "a")], NETWORKS);
     let z = Node::start(NodeOptions::new().netns(&underlay.hosts[4]))?;
     let refused = z.cli(&["peer", "add", "a", &address(0)])?;
     assert_eq!(refused.status.code(), Some(4), "a node without identity took a peer");
@@ -292,7 +187,7 @@ fn anonymous_client(identity: &umnet_certs::Identity) -> Result<rustls::ClientCo
 fn expired_early_and_anonymous_clients_fail_the_handshake() -> Result<()> {
     let ca = Ca::new("handshake")?;
     let underlay = Underlay::new(&["a", "s"], 1500)?;
-    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[], NETWORKS)?;
+    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[], NETWORKS)?;
     let authority = umnet_certs::CertificateAuthority::load(&ca.dir.join("ca"))?;
     let day = Duration::from_secs(24 * 60 * 60);
     let now = SystemTime::now();
@@ -339,7 +234,7 @@ fn expired_early_and_anonymous_clients_fail_the_handshake() -> Result<()> {
 fn the_peer_cli_says_what_is_wrong() -> Result<()> {
     let ca = Ca::new("cli")?;
     let underlay = Underlay::new(&["a"], 1500)?;
-    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[], NETWORKS)?;
+    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[], NETWORKS)?;
     for (args, message) in [
         (&["peer", "add", "Bad_Name", "10.200.0.9:7780"][..], "name"),
         (&["peer", "add", "b", "nowhere"], "HOST:PORT"),
@@ -378,10 +273,6 @@ fn broadcast_from(source: [u8; 6]) -> Vec<u8> {
     frame
 }
 
-fn counter(value: &Value, path: &[&str]) -> u64 {
-    path.iter().fold(value, |value, key| &value[*key]).as_u64().unwrap_or(0)
-}
-
 #[test]
 fn garbage_and_malformed_datagrams_are_counted_and_change_nothing() -> Result<()> {
     let ca = Ca::new("garbage")?;
@@ -389,8 +280,8 @@ fn garbage_and_malformed_datagrams_are_counted_and_change_nothing() -> Result<()
     // Network 102 on a is for b alone.
     let restricted = format!("{NETWORKS}\n[[network]]\nid = 102\npeers = [\"b\"]\n");
     let with_102 = format!("{NETWORKS}\n[[network]]\nid = 102\n");
-    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[(1, "b")], &restricted)?;
-    let b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[(0, "a")], &with_102)?;
+    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[(1, "b")], &restricted)?;
+    let b = underlay.start_node(1, &ca.issue("b", 30)?, &[(0, "a")], &with_102)?;
     wait_connected(&a, &["b"])?;
     a.cli_ok(&["port", "add", "tap", "gta", "--net", "100"])?;
     b.cli_ok(&["port", "add", "tap", "gtb", "--net", "100"])?;
@@ -491,8 +382,8 @@ fn revoking_a_peer_on_sighup_closes_its_connection() -> Result<()> {
             .arg("--listen")
             .arg(&format!("0.0.0.0:{PEER_PORT}")),
     )?;
-    let _b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
-    let _c = start_node(&underlay, 2, &ca.issue("c", 30)?, &[(0, "a")], NETWORKS)?;
+    let _b = underlay.start_node(1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
+    let _c = underlay.start_node(2, &ca.issue("c", 30)?, &[(0, "a")], NETWORKS)?;
     wait_connected(&a, &["b", "c"])?;
 
     // A bad revocation list changes nothing.
@@ -524,8 +415,8 @@ fn a_peer_dialed_under_the_wrong_name_is_refused() -> Result<()> {
     let ca = Ca::new("names")?;
     let underlay = Underlay::new(&["a", "b"], 1500)?;
     // a expects node c at b's address: b's certificate names b.
-    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[(1, "c")], NETWORKS)?;
-    let _b = start_node(&underlay, 1, &ca.issue("b", 30)?, &[], NETWORKS)?;
+    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[(1, "c")], NETWORKS)?;
+    let _b = underlay.start_node(1, &ca.issue("b", 30)?, &[], NETWORKS)?;
     let error = wait_for(Duration::from_secs(10), Duration::from_millis(200), || {
         let peers = a.cli_json(&["peer", "list"])?;
         let c = peer(&peers, "c").context("c not listed")?;
@@ -541,7 +432,7 @@ fn a_peer_dialed_under_the_wrong_name_is_refused() -> Result<()> {
 fn a_node_key_never_leaves_the_node_in_the_request_flow() -> Result<()> {
     let ca = Ca::new("csr")?;
     let underlay = Underlay::new(&["a", "n"], 1500)?;
-    let a = start_node(&underlay, 0, &ca.issue("a", 30)?, &[], NETWORKS)?;
+    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[], NETWORKS)?;
 
     // On the node: a key in its state directory, and a request.
     let node_dir = TempDir::new("csr-node")?;

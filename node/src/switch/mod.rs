@@ -12,6 +12,7 @@
 
 mod bridge;
 mod port;
+mod segment;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
@@ -26,11 +27,14 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest as Readiness;
 use tokio::sync::oneshot;
 use umnet_proto::admin::{self, ErrorKind, FdbEntry, NetworkId, PortKind};
+use umnet_proto::beacon::{self, Beacon};
 use umnet_proto::ethernet::{Header, HEADER_LEN};
+use umnet_proto::offload::{self, VnetHeader, NEEDS_CSUM, VNET_HEADER_LEN};
 
 use self::bridge::{Bridge, Decision, Learned};
-pub(crate) use self::port::{Link, MIN_QUEUE};
+pub(crate) use self::port::{Link, NicLink, MIN_QUEUE};
 use self::port::{Port, Sent, RESUME_AT, STUCK_AFTER};
+use self::segment::Role;
 use crate::peers::{PeerId, PeerLinkFactory, PeerStats};
 use crate::rejects::RejectCounters;
 use crate::sys::{self, RecvBatch};
@@ -49,12 +53,18 @@ const BATCH: usize = 32;
 /// Batches read from one port before others get their turn.
 const BATCHES_PER_TURN: usize = 4;
 
-/// How often stale addresses are swept out of the bridges.
-const AGE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often stale addresses are swept out of the bridges, and NIC ports send their beacons.
+const AGE_INTERVAL: Duration = segment::BEACON_INTERVAL;
 
 /// A device read buffer large enough that no frame a tap hands up is cut, so an oversize
 /// frame is seen and counted as such.
 const DEVICE_BUFFER: usize = 65_536;
+
+/// Frames taken per `recvmmsg` from a NIC port.
+const NIC_BATCH: usize = 16;
+
+/// A NIC port's receive slot: a virtio header and the largest super-frame GRO builds.
+const NIC_SLOT: usize = VNET_HEADER_LEN + 65_536;
 
 /// At most one warning per this interval for each repeated condition.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
@@ -249,6 +259,9 @@ pub(crate) fn new(
         congested: Vec::new(),
         batch,
         device_buffer: vec![0u8; DEVICE_BUFFER].into_boxed_slice(),
+        nic_batch: None,
+        restored: Vec::new(),
+        segmented: Vec::new(),
         malformed_warnings: HashMap::new(),
         last_local_delivery: Instant::now(),
         rejects,
@@ -285,6 +298,12 @@ pub(crate) struct Switch {
     congested: Vec<PortId>,
     batch: RecvBatch,
     device_buffer: Box<[u8]>,
+    /// Receive buffers of NIC ports, made when the first NIC port comes.
+    nic_batch: Option<RecvBatch>,
+    /// A NIC frame with its VLAN tag put back.
+    restored: Vec<u8>,
+    /// One segment of a NIC super-frame.
+    segmented: Vec<u8>,
     malformed_warnings: HashMap<PortId, RateLimit>,
     /// When a frame last went out to a local port; busy polling follows it.
     last_local_delivery: Instant,
@@ -364,7 +383,7 @@ impl Switch {
                         if event.is_writable() {
                             self.flush(id);
                         }
-                        if event.is_readable() || event.is_read_closed() {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.mark_ready(id);
                         }
                     }
@@ -391,6 +410,7 @@ impl Switch {
                 for network in self.networks.values_mut() {
                     network.bridge.age(now);
                 }
+                self.tick_nics(now);
                 next_aging = now + AGE_INTERVAL;
             }
         }
@@ -460,12 +480,20 @@ impl Switch {
             let outcome = match port.link() {
                 Link::Socket(fd) => self.receive_batch(id, fd.as_raw_fd()),
                 Link::Device(fd) => self.receive_device(id, fd.as_raw_fd()),
+                Link::Nic(nic) => match &nic.socket {
+                    Some(fd) => self.receive_nic(id, fd.as_raw_fd()),
+                    None => Ok(false),
+                },
                 // Frames from peers come through the inbox.
                 Link::Peer(_) => Ok(false),
             };
             match outcome {
                 Ok(true) => {}
                 Ok(false) => return false,
+                Err(error) if self.ports.get(&id).is_some_and(|p| p.kind == PortKind::Nic) => {
+                    self.nic_failed(id, &error);
+                    return false;
+                }
                 Err(error) => {
                     self.port_failed(id, &error);
                     return false;
@@ -523,6 +551,276 @@ impl Switch {
             }
         }
         Ok(true)
+    }
+
+    /// Up to one batch of frames from a NIC port. `Ok(false)` when the socket is drained.
+    fn receive_nic(&mut self, id: PortId, fd: RawFd) -> io::Result<bool> {
+        let mut batch =
+            self.nic_batch.take().unwrap_or_else(|| RecvBatch::for_packets(NIC_BATCH, NIC_SLOT));
+        let count = batch.receive(fd);
+        let now = Instant::now();
+        for index in 0..*count.as_ref().unwrap_or(&0) {
+            let (data, received) = batch.get_mut(index);
+            if self.nic_frame(id, data, received, now) {
+                self.last_local_delivery = now;
+            }
+        }
+        self.nic_batch = Some(batch);
+        if let Some(Link::Nic(nic)) = self.ports.get_mut(&id).map(Port::link_mut) {
+            if nic.down && count.as_ref().is_ok_and(|&n| n > 0) {
+                nic.down = false;
+                tracing::info!(port = id, interface = %nic.name, "interface is up again");
+            }
+        }
+        Ok(count? == NIC_BATCH)
+    }
+
+    /// Takes one frame from a NIC's wire: a beacon goes to the election; a frame the host
+    /// sent passes only if it is meant for the network; everything else passes only while
+    /// the port forwards, restored to what the wire carried. Returns whether a frame went to a
+    /// local port.
+    fn nic_frame(
+        &mut self,
+        id: PortId,
+        data: &mut [u8],
+        received: sys::Received,
+        now: Instant,
+    ) -> bool {
+        let Some(port) = self.ports.get_mut(&id) else { return false };
+        let Some(header) = VnetHeader::parse(data) else {
+            port.counters.drops.runt += 1;
+            return false;
+        };
+        let frame = &mut data[VNET_HEADER_LEN..];
+
+        // Step 1: beacons are the election's, never traffic.
+        if beacon::is_beacon(frame) {
+            self.hear_beacon(id, frame, now);
+            return false;
+        }
+
+        // Step 2: the host's own frames, and everything on a port that does not forward.
+        let Link::Nic(nic) = port.link() else { return false };
+        if !nic.segment.forwarding() {
+            if !received.outgoing {
+                port.counters.drops.standby += 1;
+            }
+            return false;
+        }
+        if received.outgoing && !self.meant_for_network(id, frame, now) {
+            return false;
+        }
+
+        // Step 3: undo the offloads, then switch what the wire carried.
+        let port = self.ports.get_mut(&id).expect("looked up above");
+        if received.truncated {
+            port.counters.drops.oversize += 1;
+            warn_malformed(&mut self.malformed_warnings, port, "oversize", frame.len(), now);
+            return false;
+        }
+        if header.flags & NEEDS_CSUM != 0 && !header.is_gso() {
+            let (start, offset) = (usize::from(header.csum_start), usize::from(header.csum_offset));
+            if offload::complete_checksum(frame, start, offset).is_err() {
+                port.counters.drops.runt += 1;
+                warn_malformed(&mut self.malformed_warnings, port, "checksum", frame.len(), now);
+                return false;
+            }
+        }
+        let mut restored = std::mem::take(&mut self.restored);
+        let frame: &[u8] = match received.vlan {
+            Some((tpid, tci)) => {
+                offload::insert_vlan_tag(frame, tpid, tci, &mut restored);
+                &restored
+            }
+            None => frame,
+        };
+        let mut local = false;
+        if header.is_gso() {
+            let mut segmented = std::mem::take(&mut self.segmented);
+            let result = offload::segment(frame, &header, &mut segmented, |segment| {
+                local |= self.switch_one(id, segment, now);
+            });
+            self.segmented = segmented;
+            if let Err(error) = result {
+                if let Some(port) = self.ports.get_mut(&id) {
+                    port.counters.drops.oversize += 1;
+                    tracing::debug!(port = id, %error, len = frame.len(), "super-frame dropped");
+                }
+            }
+        } else {
+            local = self.switch_one(id, frame, now);
+        }
+        self.restored = restored;
+        local
+    }
+
+    /// Switches one frame that came in on port `id`.
+    fn switch_one(&mut self, id: PortId, frame: &[u8], now: Instant) -> bool {
+        switch_frame(
+            &mut self.ports,
+            &mut self.networks,
+            &mut self.malformed_warnings,
+            &mut self.congested,
+            &self.config,
+            Ingress { id, frame, oversize: false, now },
+        )
+    }
+
+    /// Whether a frame the host sent out of NIC port `id` is for a station of the network
+    /// (learned on another of its ports) rather than for the LAN.
+    fn meant_for_network(&self, id: PortId, frame: &[u8], now: Instant) -> bool {
+        let Some(port) = self.ports.get(&id) else { return false };
+        let (Ok(header), Some(network)) = (Header::parse(frame), self.networks.get(&port.net))
+        else {
+            return false;
+        };
+        matches!(network.bridge.decide(header.destination, id, now), Decision::Forward(_))
+            && !header.destination.is_group()
+    }
+
+    /// Hands a beacon heard on NIC port `id` to its election.
+    fn hear_beacon(&mut self, id: PortId, frame: &[u8], now: Instant) {
+        let Some(port) = self.ports.get_mut(&id) else { return };
+        let beacon = match Beacon::parse(frame) {
+            Ok(beacon) => beacon,
+            Err(error) => {
+                port.counters.drops.bad_beacon += 1;
+                warn_malformed(&mut self.malformed_warnings, port, "bad beacon", frame.len(), now);
+                tracing::debug!(port = id, %error, "frame of the beacon EtherType dropped");
+                return;
+            }
+        };
+        let Link::Nic(nic) = port.link_mut() else { return };
+        if nic.segment.hear(&beacon, now) {
+            tracing::debug!(port = id, node = %beacon.node, interface = %beacon.port,
+                leaving = beacon.leaving(), "NIC port heard a new neighbour on its LAN");
+            self.elect(id, now);
+        }
+    }
+
+    /// Lets NIC port `id` decide its role, counting the beacons of this node's ports and of
+    /// the peers connected on its network, and logs a change.
+    fn elect(&mut self, id: PortId, now: Instant) {
+        let Some(net) = self.ports.get(&id).map(|port| port.net) else { return };
+        let peers: BTreeSet<String> = self
+            .ports
+            .values()
+            .filter(|port| port.kind == PortKind::Peer && port.net == net)
+            .map(|port| port.client.clone())
+            .collect();
+        let Some(port) = self.ports.get_mut(&id) else { return };
+        let Link::Nic(nic) = port.link_mut() else { return };
+        let Some(role) = nic.segment.decide(now, |node| peers.contains(node)) else { return };
+        match &role {
+            Role::Standby { forwarder: (node, interface) } => tracing::warn!(
+                port = id,
+                net,
+                interface = %nic.name,
+                forwarder = %format!("{node}/{interface}"),
+                "NIC port shares its LAN with another bridge of this network; standing by \
+                 while the other forwards, so the LAN and the overlay form no loop"
+            ),
+            Role::Forwarding => {
+                tracing::info!(port = id, net, interface = %nic.name, "NIC port forwards")
+            }
+            Role::Listening => {}
+        }
+        // Frames learned through the port in its old role would be sent to a port that now
+        // drops them.
+        if let Some(network) = self.networks.get_mut(&net) {
+            network.bridge.forget_port(id);
+        }
+    }
+
+    /// Once a second: NIC ports whose interface is gone try to open it again, every NIC port
+    /// decides its role, and sends its beacon.
+    fn tick_nics(&mut self, now: Instant) {
+        let nics: Vec<PortId> =
+            self.ports.values().filter(|p| p.kind == PortKind::Nic).map(|p| p.id).collect();
+        for id in nics {
+            self.check_interface(id);
+            self.reopen_nic(id);
+            self.elect(id, now);
+            self.send_beacon(id, false);
+        }
+    }
+
+    /// Sends NIC port `id`'s beacon; `leaving` when the port goes.
+    fn send_beacon(&mut self, id: PortId, leaving: bool) {
+        let Some(port) = self.ports.get_mut(&id) else { return };
+        let Link::Nic(nic) = port.link() else { return };
+        let Some(frame) = nic.segment.beacon(leaving).emit(nic.mac) else { return };
+        if let Err(error) = nic.send(&frame) {
+            tracing::trace!(port = id, %error, "beacon not sent");
+        }
+    }
+
+    /// Notices that the interface of NIC port `id` went away, or was replaced by another of
+    /// the same name: the kernel reports both only as "down" on the socket, which then stays
+    /// bound to an interface that no longer exists.
+    fn check_interface(&mut self, id: PortId) {
+        let Some(port) = self.ports.get_mut(&id) else { return };
+        let net = port.net;
+        let Link::Nic(nic) = port.link_mut() else { return };
+        if nic.socket.is_none() || sys::interface_index(&nic.name).is_ok_and(|i| i == nic.index) {
+            return;
+        }
+        if let Some(socket) = nic.socket.take() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&socket.as_raw_fd()));
+        }
+        tracing::warn!(port = id, interface = %nic.name,
+            "interface is gone; the NIC port waits for it to come back");
+        if let Some(network) = self.networks.get_mut(&net) {
+            network.bridge.forget_port(id);
+        }
+    }
+
+    /// Opens the packet socket of NIC port `id` again if its interface came back.
+    fn reopen_nic(&mut self, id: PortId) {
+        let Some(port) = self.ports.get_mut(&id) else { return };
+        let Link::Nic(nic) = port.link_mut() else { return };
+        if nic.socket.is_some() || !sys::interface_exists(&nic.name) {
+            return;
+        }
+        let socket = match sys::open_packet_socket(&nic.name) {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::debug!(port = id, interface = %nic.name, %error, "cannot reopen yet");
+                return;
+            }
+        };
+        if let Ok(mac) = sys::interface_mac(&nic.name) {
+            nic.mac = umnet_proto::ethernet::MacAddress(mac);
+        }
+        nic.index = sys::interface_index(&nic.name).unwrap_or(0);
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        let token = Token(id as usize);
+        let fd = socket.as_raw_fd();
+        if let Err(error) = self.poll.registry().register(&mut SourceFd(&fd), token, interest) {
+            tracing::error!(port = id, %error, "cannot watch the reopened interface");
+            return;
+        }
+        nic.socket = Some(socket);
+        nic.down = false;
+        tracing::info!(port = id, interface = %nic.name, "interface is back; NIC port reattached");
+        self.mark_ready(id);
+    }
+
+    /// A NIC port's socket failed: the interface went down (the socket stays, and frames flow
+    /// again when it comes up) or away ([`Switch::check_interface`] notices within a second).
+    fn nic_failed(&mut self, id: PortId, error: &io::Error) {
+        let Some(port) = self.ports.get_mut(&id) else { return };
+        let Link::Nic(nic) = port.link_mut() else { return };
+        match error.raw_os_error() {
+            Some(libc::ENETDOWN) => {
+                if !nic.down {
+                    nic.down = true;
+                    tracing::warn!(port = id, interface = %nic.name,
+                        "interface is down; the NIC port resumes when it comes up");
+                }
+            }
+            _ => tracing::warn!(port = id, interface = %nic.name, %error, "NIC port read failed"),
+        }
     }
 
     fn port_failed(&mut self, id: PortId, error: &io::Error) {
@@ -607,7 +905,19 @@ impl Switch {
                     self.peer_stats.remove(&peer);
                 }
                 Command::PeerFrame { peer, net, frame } => self.peer_frame(peer, net, &frame),
-                Command::Shutdown => return false,
+                Command::Shutdown => {
+                    // Other bridges of the same LAN take over at once, not after HOLD.
+                    let nics: Vec<PortId> = self
+                        .ports
+                        .values()
+                        .filter(|port| port.kind == PortKind::Nic)
+                        .map(|port| port.id)
+                        .collect();
+                    for id in nics {
+                        self.send_beacon(id, true);
+                    }
+                    return false;
+                }
             }
         }
         true
@@ -786,6 +1096,7 @@ impl Switch {
     }
 
     fn remove_port(&mut self, id: PortId) -> Option<admin::Port> {
+        self.send_beacon(id, true);
         let port = self.ports.remove(&id)?;
         if let Some(fd) = port.link().fd() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
@@ -810,10 +1121,17 @@ impl Switch {
         if !self.networks.contains_key(&net) {
             return Err(admin::Error::new(ErrorKind::NotFound, format!("no network {net}")));
         }
+        if self.ports.get(&id).is_some_and(|port| port.net != net) {
+            // A NIC port leaves the election of its old network.
+            self.send_beacon(id, true);
+        }
         let Some(port) = self.ports.get_mut(&id) else { return Err(no_port(id)) };
         let from = port.net;
         if from != net {
             port.net = net;
+            if let Link::Nic(nic) = port.link_mut() {
+                nic.segment.set_network(net, Instant::now());
+            }
             if let Some(old) = self.networks.get_mut(&from) {
                 old.ports.retain(|&p| p != id);
                 old.bridge.forget_port(id);

@@ -20,7 +20,10 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use umnet_proto::admin::{self, NetworkId, PortCounters, PortKind};
+use umnet_proto::ethernet::MacAddress;
+use umnet_proto::offload::VnetHeader;
 
+use super::segment::Segment;
 use super::PortId;
 use crate::peers::PeerLink;
 use crate::sys;
@@ -49,6 +52,8 @@ pub(crate) enum Link {
     Device(OwnedFd),
     /// Another node: frames go out as QUIC datagrams and come in through the peer inbox.
     Peer(PeerLink),
+    /// A NIC, through a packet socket.
+    Nic(NicLink),
 }
 
 impl Link {
@@ -56,8 +61,69 @@ impl Link {
     pub(crate) fn fd(&self) -> Option<RawFd> {
         match self {
             Link::Socket(fd) | Link::Device(fd) => Some(fd.as_raw_fd()),
+            Link::Nic(nic) => nic.socket.as_ref().map(|fd| fd.as_raw_fd()),
             Link::Peer(_) => None,
         }
+    }
+}
+
+/// A NIC port's interface: a packet socket while the interface exists, and the port's place
+/// in the election of the LAN segment it bridges ([`Segment`]).
+#[derive(Debug)]
+pub(crate) struct NicLink {
+    /// The interface's name.
+    pub(crate) name: String,
+    /// The packet socket; `None` while the interface is gone, until it comes back.
+    pub(crate) socket: Option<OwnedFd>,
+    /// The index of the interface the socket is bound to: an interface of the same name with
+    /// another index is a new one, which the socket does not see.
+    pub(crate) index: u32,
+    /// The interface's address, the source of its beacons.
+    pub(crate) mac: MacAddress,
+    pub(crate) segment: Segment,
+    /// The interface was down when last used.
+    pub(crate) down: bool,
+}
+
+impl NicLink {
+    /// The link of a NIC port of node `node` on interface `name`, through `socket` (a packet
+    /// socket from [`sys::open_packet_socket`]; `None` while the interface is missing),
+    /// serving `net` from `now`.
+    pub(crate) fn new(
+        node: &str,
+        name: &str,
+        socket: Option<OwnedFd>,
+        net: NetworkId,
+        now: Instant,
+    ) -> Self {
+        // Read again when the socket is reopened; a missing interface has no address yet.
+        let mac = MacAddress(sys::interface_mac(name).unwrap_or_default());
+        let index = sys::interface_index(name).unwrap_or(0);
+        let segment = Segment::new(node, name, net, now);
+        NicLink { name: name.to_string(), socket, index, mac, segment, down: false }
+    }
+
+    /// Sends one frame as it is, with the virtio header the socket expects: no offload.
+    pub(crate) fn send(&self, frame: &[u8]) -> io::Result<usize> {
+        let Some(fd) = &self.socket else {
+            return Err(io::Error::from_raw_os_error(libc::ENODEV));
+        };
+        sys::send_parts(fd.as_raw_fd(), &[&VnetHeader::NONE, frame])
+    }
+
+    /// What the port is doing, for `umnet port list`.
+    fn state(&self) -> String {
+        let mut state = match (&self.socket, self.down) {
+            (None, _) => format!("interface {} is gone; waiting for it", self.name),
+            (Some(_), true) => format!("interface {} is down; {}", self.name, self.segment.role()),
+            (Some(_), false) => self.segment.role().to_string(),
+        };
+        let neighbours: Vec<String> =
+            self.segment.neighbours().map(|(node, port)| format!("{node}/{port}")).collect();
+        if !neighbours.is_empty() {
+            state.push_str(&format!(" (LAN shared with {})", neighbours.join(", ")));
+        }
+        state
     }
 }
 
@@ -130,8 +196,18 @@ impl Port {
         &self.link
     }
 
+    pub(crate) fn link_mut(&mut self) -> &mut Link {
+        &mut self.link
+    }
+
     /// Sends `frame` to the client, or queues it if the client's socket is full.
     pub(crate) fn transmit(&mut self, frame: &[u8]) -> Sent {
+        if let Link::Nic(nic) = &self.link {
+            if !nic.segment.forwarding() {
+                self.counters.drops.standby += 1;
+                return Sent::Dropped;
+            }
+        }
         // Frames already waiting go first: a frame must not overtake an earlier one.
         if !self.queue.is_empty() {
             return self.enqueue(frame);
@@ -191,6 +267,7 @@ impl Port {
             Link::Socket(fd) => sys::send(fd.as_raw_fd(), frame)?,
             Link::Device(fd) => sys::write(fd.as_raw_fd(), frame)?,
             Link::Peer(link) => link.send(self.net, frame)?,
+            Link::Nic(nic) => nic.send(frame)?,
         };
         self.counters.tx_frames += 1;
         self.counters.tx_bytes += frame.len() as u64;
@@ -206,6 +283,10 @@ impl Port {
             client: self.client.clone(),
             pid: self.pid,
             counters: self.counters.clone(),
+            state: match &self.link {
+                Link::Nic(nic) => Some(nic.state()),
+                _ => None,
+            },
         }
     }
 }
