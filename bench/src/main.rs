@@ -118,8 +118,10 @@ struct Cli {
     #[arg(long, default_value_t = 5000)]
     rtt_samples: usize,
 
-    /// Overlays for the cross-host suite, in table order; umnet is compared with each other.
-    #[arg(long, value_delimiter = ',', default_value = "umnet,tinc,vxlan")]
+    /// Overlays for the cross-host suite, in table order: umnet, tinc and vxlan from tap to tap,
+    /// umnet-nic and vxlan-bridge from a LAN machine through host a. umnet is compared with the
+    /// others of its path.
+    #[arg(long, value_delimiter = ',', default_value = "umnet,tinc,vxlan,umnet-nic,vxlan-bridge")]
     overlays: Vec<cross::System>,
 
     /// Measurements of the cross-host suite.
@@ -198,9 +200,9 @@ fn run(mut cli: Cli) -> Result<ExitCode> {
             (
                 system.name().to_string(),
                 match system {
-                    cross::System::Umnet => report::umnet_version(),
+                    cross::System::Umnet | cross::System::UmnetNic => report::umnet_version(),
                     cross::System::Tinc => report::package_version("tinc"),
-                    cross::System::Vxlan => "(kernel)".to_string(),
+                    cross::System::Vxlan | cross::System::VxlanBridge => "(kernel)".to_string(),
                 },
             )
         });

@@ -1,4 +1,5 @@
-//! The two "hosts": network namespaces joined by a veth pair that carries the underlay.
+//! The two "hosts": network namespaces joined by a veth pair that carries the underlay, and
+//! behind host a a LAN: a namespace with a Linux bridge, and a machine on it.
 //!
 //! [`Hosts`] creates two namespaces named after this process's pid and builds every device
 //! inside them: the veth pair is created from within host a with its peer placed straight into
@@ -18,6 +19,15 @@ use crate::process::{run_checked, Finished};
 
 /// The hosts' names, as messages and node names use them.
 pub(crate) const HOST_NAMES: [&str; 2] = ["a", "b"];
+
+/// The machine on host a's LAN, as a host index.
+pub(crate) const MACHINE: usize = 2;
+
+/// The LAN's bridge namespace, as a host index.
+const LAN: usize = 3;
+
+/// The machine's interface on the LAN.
+pub(crate) const MACHINE_DEVICE: &str = "eth0";
 
 /// The underlay device in each namespace.
 pub(crate) const UNDERLAY_DEVICE: &str = "ul0";
@@ -46,7 +56,7 @@ impl Hosts {
             Hosts { ip: ip.to_path_buf(), scratch: scratch.to_path_buf(), namespaces: Vec::new() };
 
         // Step 1: the namespaces, each recorded as soon as it exists so drop deletes it.
-        for name in HOST_NAMES {
+        for name in HOST_NAMES.into_iter().chain(["machine", "lan"]) {
             let namespace = format!("umnet-bench-{}-{name}", std::process::id());
             hosts.run_ip(&["netns", "add", &namespace])?;
             hosts.namespaces.push(namespace);
@@ -75,10 +85,39 @@ impl Hosts {
             hosts.ip(host, &["addr", "add", &address, "dev", UNDERLAY_DEVICE])?;
             hosts.ip(host, &["link", "set", UNDERLAY_DEVICE, "up"])?;
         }
+
+        // Step 3: the LAN behind host a, and the machine on it.
+        hosts.ip(LAN, &["link", "add", "br0", "type", "bridge"])?;
+        hosts.ip(LAN, &["link", "set", "br0", "up"])?;
+        hosts.ip(MACHINE, &["link", "set", "lo", "up"])?;
+        hosts.cable(MACHINE, MACHINE_DEVICE, "pm")?;
         Ok(hosts)
     }
 
-    /// The namespace of `host` (0 or 1).
+    /// Plugs `host` into the LAN with a veth pair: `device` in the host, `port` on the LAN's
+    /// bridge, both up, neither with an address.
+    pub(crate) fn cable(&self, host: usize, device: &str, port: &str) -> Result<()> {
+        let lan = self.namespaces[LAN].clone();
+        self.ip(
+            host,
+            &["link", "add", device, "type", "veth", "peer", "name", port, "netns", &lan],
+        )?;
+        self.ip(host, &["link", "set", device, "up"])?;
+        self.ip(LAN, &["link", "set", port, "master", "br0", "up"])?;
+        Ok(())
+    }
+
+    /// Sets sysctl `key` to `value` inside the namespace of `host`.
+    pub(crate) fn sysctl(&self, host: usize, key: &str, value: &str) -> Result<()> {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        let mut command = Command::new(&self.ip);
+        command.args(["netns", "exec", self.namespace(host), "sh", "-c"]);
+        command.arg(format!("echo {value} > {}", path.display()));
+        run_checked(&mut command, &self.scratch, "sysctl", IP_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// The namespace of `host` (0 or 1, or [`MACHINE`]).
     pub(crate) fn namespace(&self, host: usize) -> &str {
         &self.namespaces[host]
     }

@@ -1,9 +1,13 @@
-//! The overlays measured between the two hosts: umnet, tinc 1.0 and kernel VXLAN.
+//! The overlays measured between the two hosts: umnet, tinc 1.0 and kernel VXLAN from tap to
+//! tap, and umnet and kernel VXLAN from host a's LAN to a tap on host b.
 //!
-//! Each overlay puts one device on each host, in a /24 of its own under 10.202.0.0/16, so all
+//! Each overlay puts one device on each end, in a /24 of its own under 10.202.0.0/16, so all
 //! of them can stay up side by side for the whole run: umnet a tap port on network 100 of one
-//! node per host, tinc a tap of one `tincd` per host in switch mode, VXLAN a kernel device. An
-//! [`Overlay`] owns the daemons it started; dropping it stops them, by pid.
+//! node per host, tinc a tap of one `tincd` per host in switch mode, VXLAN a kernel device.
+//! The LAN overlays start on the LAN machine behind host a, whose one interface carries an
+//! address of each: umnet bridges its own cable from host a to the LAN with a NIC port, and the
+//! ceiling bridges another with a plain Linux bridge and a VXLAN device. An [`Overlay`] owns
+//! the daemons it started; dropping it stops them, by pid.
 
 use std::fmt;
 use std::fs;
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::hosts::{Hosts, HOST_NAMES, UNDERLAY, UNDERLAY_DEVICE};
+use super::hosts::{Hosts, HOST_NAMES, MACHINE, MACHINE_DEVICE, UNDERLAY, UNDERLAY_DEVICE};
 use crate::process::{find_program, run_bounded, run_checked, Daemon};
 
 /// The umnet network both nodes serve.
@@ -49,6 +53,13 @@ pub(crate) enum System {
     /// Kernel VXLAN, unencrypted: the ceiling.
     #[value(name = "vxlan")]
     Vxlan,
+    /// From the LAN machine through a NIC port of the node on host a to a tap on host b.
+    #[value(name = "umnet-nic")]
+    UmnetNic,
+    /// From the LAN machine through a Linux bridge and kernel VXLAN on host a to host b: the
+    /// ceiling of the LAN path.
+    #[value(name = "vxlan-bridge")]
+    VxlanBridge,
 }
 
 impl System {
@@ -57,25 +68,58 @@ impl System {
             System::Umnet => "umnet",
             System::Tinc => "tinc",
             System::Vxlan => "vxlan",
+            System::UmnetNic => "umnet-nic",
+            System::VxlanBridge => "vxlan-bridge",
         }
     }
 
-    /// The overlay device on each host.
+    /// The overlay device on host b (and on host a, for the tap-to-tap overlays).
     pub(crate) fn device(self) -> &'static str {
         match self {
             System::Umnet => "umtap0",
             System::Tinc => "tnctap0",
             System::Vxlan => "vx0",
+            System::UmnetNic => "umtap1",
+            System::VxlanBridge => "vx1",
         }
     }
 
-    /// The overlay address of `host`: 10.202.N.1 and 10.202.N.2, N 1 for umnet, 2 for tinc,
-    /// 3 for VXLAN.
+    /// Where measurements start: host a, or the machine on its LAN.
+    pub(crate) fn client(self) -> usize {
+        match self {
+            System::Umnet | System::Tinc | System::Vxlan => 0,
+            System::UmnetNic | System::VxlanBridge => MACHINE,
+        }
+    }
+
+    /// The device measurements start from.
+    fn client_device(self) -> &'static str {
+        match self.client() {
+            0 => self.device(),
+            _ => MACHINE_DEVICE,
+        }
+    }
+
+    /// The systems the tables compare this one with: umnet with the other overlays of its
+    /// path, anything else with nothing.
+    pub(crate) fn compared_with(self) -> &'static [System] {
+        match self {
+            System::Umnet => &[System::Tinc, System::Vxlan],
+            System::UmnetNic => &[System::VxlanBridge],
+            System::Tinc | System::Vxlan | System::VxlanBridge => &[],
+        }
+    }
+
+    /// The overlay address of the client end (0) and of host b (1): 10.202.N.1 and
+    /// 10.202.N.2, N 1 for umnet, 2 for tinc, 3 for VXLAN, 4 for umnet's NIC port, 5 for the
+    /// bridge and VXLAN.
     pub(crate) fn address(self, host: usize) -> Ipv4Addr {
         let subnet = match self {
             System::Umnet => 1,
             System::Tinc => 2,
             System::Vxlan => 3,
+            System::UmnetNic => 4,
+            System::VxlanBridge => 5,
         };
         Ipv4Addr::new(10, 202, subnet, host as u8 + 1)
     }
@@ -149,20 +193,20 @@ impl Overlay {
     ) -> Result<Overlay> {
         let mut overlay = Overlay { system, mtu: None, daemons: Vec::new(), run_dirs: Vec::new() };
         let started = match system {
-            System::Umnet => overlay.start_umnet(hosts, programs, dir),
+            System::Umnet | System::UmnetNic => overlay.start_umnet(hosts, programs, dir),
             System::Tinc => overlay.start_tinc(hosts, programs, dir),
-            System::Vxlan => overlay.start_vxlan(hosts),
+            System::Vxlan | System::VxlanBridge => overlay.start_vxlan(hosts),
         };
         let reached = started.and_then(|()| overlay.wait_reachable(hosts, programs, dir));
         let settled = reached.and_then(|()| match system {
             System::Tinc => overlay.wait_for_tinc_pmtu(),
-            System::Umnet | System::Vxlan => Ok(()),
+            _ => Ok(()),
         });
         if let Err(error) = settled {
             // Dropping the overlay stops whatever it started.
             bail!("{error:#}{}", overlay.log_tails());
         }
-        overlay.mtu = hosts.mtu(0, system.device());
+        overlay.mtu = hosts.mtu(system.client(), system.client_device());
         Ok(overlay)
     }
 
@@ -194,7 +238,7 @@ impl Overlay {
 
     /// umnet's own view of the run: each node's `peer list` and `port list`, as JSON.
     pub(crate) fn umnet_counters(&self, programs: &Programs, dir: &Path) -> Option<Value> {
-        if self.system != System::Umnet {
+        if !matches!(self.system, System::Umnet | System::UmnetNic) {
             return None;
         }
         let nodes: Vec<Value> = self
@@ -238,8 +282,13 @@ impl Overlay {
                 umnet.display()
             );
         }
-        let root = dir.join("umnet");
+        let root = dir.join(self.system.name());
         fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
+        // Each umnet overlay is a cluster of its own, on a port of its own.
+        let port = match self.system {
+            System::UmnetNic => UMNET_PORT + 1,
+            _ => UMNET_PORT,
+        };
 
         // Step 1: a fresh cluster CA, and an identity from it for each node.
         let ca = root.join("ca");
@@ -261,7 +310,7 @@ impl Overlay {
                 "[[network]]\nid = {NETWORK}\n\n[[peer]]\nname = \"{}\"\naddress = \"{}:{}\"\n",
                 node_name(HOST_NAMES[other]),
                 UNDERLAY[other],
-                UMNET_PORT
+                port
             );
             fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
 
@@ -272,14 +321,15 @@ impl Overlay {
             let mut node = hosts.exec(host, umnet);
             node.arg("node").arg("--run-dir").arg(&run_dir).arg("--state-dir").arg(&state_dir);
             node.arg("--config").arg(&config).arg("--identity").arg(&identity);
-            node.arg("--listen").arg(format!("{}:{UMNET_PORT}", UNDERLAY[host]));
+            node.arg("--listen").arg(format!("{}:{port}", UNDERLAY[host]));
             let label = format!("umnet node on host {}", HOST_NAMES[host]);
             let log = root.join(format!("{name}.log"));
             self.daemons.push(Daemon::spawn(label, &mut node, &log)?);
             self.run_dirs.push(run_dir);
         }
 
-        // Step 3: a tap port on network 100 on each node, once its admin socket answers.
+        // Step 3: a tap port on network 100 on each node, once its admin socket answers; for
+        // the LAN path, a NIC port on host a's own cable to the LAN instead.
         for host in 0..2 {
             let run_dir = self.run_dirs[host].clone();
             wait_until("the umnet node to answer on its admin socket", START_TIMEOUT, || {
@@ -287,9 +337,20 @@ impl Overlay {
                 Ok(umnet_cli(programs, &run_dir, &["status"], dir).is_ok())
             })?;
             let net = NETWORK.to_string();
-            let add = ["port", "add", "tap", System::Umnet.device(), "--net", &net];
-            umnet_cli(programs, &run_dir, &add, dir)?;
-            hosts.address(host, System::Umnet.device(), System::Umnet.address(host))?;
+            let device = self.system.device();
+            if host == 0 && self.system == System::UmnetNic {
+                hosts.cable(0, NIC_CABLE, "pnic")?;
+                umnet_cli(
+                    programs,
+                    &run_dir,
+                    &["port", "add", "nic", NIC_CABLE, "--net", &net],
+                    dir,
+                )?;
+                lan_side(hosts, self.system)?;
+            } else {
+                umnet_cli(programs, &run_dir, &["port", "add", "tap", device, "--net", &net], dir)?;
+                hosts.address(host, device, self.system.address(host))?;
+            }
         }
 
         // Step 4: both nodes see each other connected.
@@ -390,9 +451,13 @@ impl Overlay {
     }
 
     fn start_vxlan(&mut self, hosts: &Hosts) -> Result<()> {
+        let (id, port) = match self.system {
+            System::VxlanBridge => ("43", "4790"),
+            _ => ("42", "4789"),
+        };
+        let device = self.system.device();
         for (host, other) in [(0, 1), (1, 0)] {
             let (local, remote) = (UNDERLAY[host].to_string(), UNDERLAY[other].to_string());
-            let device = System::Vxlan.device();
             hosts.ip(
                 host,
                 &[
@@ -402,18 +467,29 @@ impl Overlay {
                     "type",
                     "vxlan",
                     "id",
-                    "42",
+                    id,
                     "remote",
                     &remote,
                     "local",
                     &local,
                     "dstport",
-                    "4789",
+                    port,
                     "dev",
                     UNDERLAY_DEVICE,
                 ],
             )?;
-            hosts.address(host, device, System::Vxlan.address(host))?;
+            if host == 0 && self.system == System::VxlanBridge {
+                // Host a bridges its own cable to the LAN with the VXLAN device.
+                hosts.ip(0, &["link", "add", BRIDGE, "type", "bridge"])?;
+                hosts.ip(0, &["link", "set", BRIDGE, "up"])?;
+                hosts.cable(0, BRIDGE_CABLE, "pbr")?;
+                for port in [BRIDGE_CABLE, device] {
+                    hosts.ip(0, &["link", "set", port, "master", BRIDGE, "up"])?;
+                }
+                lan_side(hosts, self.system)?;
+            } else {
+                hosts.address(host, device, self.system.address(host))?;
+            }
         }
         Ok(())
     }
@@ -424,7 +500,7 @@ impl Overlay {
         let target = self.system.address(1).to_string();
         wait_until("host b to answer pings over the overlay", START_TIMEOUT, || {
             self.check_running()?;
-            let mut ping = hosts.exec(0, &programs.ping);
+            let mut ping = hosts.exec(self.system.client(), &programs.ping);
             ping.args(["-n", "-c", "1", "-W", "1", &target]);
             let finished = run_bounded(&mut ping, dir, "ping", COMMAND_TIMEOUT)?;
             Ok(finished.status.success())
@@ -442,6 +518,23 @@ impl Daemon {
             unsafe { libc::kill(pid, signal) };
         }
     }
+}
+
+/// Host a's cable to the LAN that its umnet NIC port bridges.
+const NIC_CABLE: &str = "lan1";
+
+/// Host a's cable to the LAN that its Linux bridge carries, and the bridge.
+const BRIDGE_CABLE: &str = "lan2";
+const BRIDGE: &str = "brvx";
+
+/// Gives the LAN machine its address of a LAN overlay. Host b answers ARP only on the device
+/// that holds the address asked for, since a broadcast from the LAN reaches it over both LAN
+/// overlays.
+fn lan_side(hosts: &Hosts, system: System) -> Result<()> {
+    hosts.sysctl(1, "net.ipv4.conf.all.arp_ignore", "1")?;
+    let address = format!("{}/24", system.address(0));
+    hosts.ip(MACHINE, &["addr", "add", &address, "dev", MACHINE_DEVICE])?;
+    Ok(())
 }
 
 /// The umnet node name of a host.
@@ -521,7 +614,8 @@ mod tests {
 
     #[test]
     fn overlays_use_separate_subnets() {
-        let systems = [System::Umnet, System::Tinc, System::Vxlan];
+        let systems =
+            [System::Umnet, System::Tinc, System::Vxlan, System::UmnetNic, System::VxlanBridge];
         for (i, a) in systems.iter().enumerate() {
             for b in &systems[i + 1..] {
                 assert_ne!(a.address(0).octets()[2], b.address(0).octets()[2]);
