@@ -24,7 +24,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// Sends `command` to the node at `run_dir` and prints its answer.
 pub(crate) fn run(run_dir: &Path, json: bool, command: Command) -> ExitCode {
     let request = match command {
-        Command::Node(_) | Command::Ca(_) | Command::Cert(_) => {
+        Command::Node(_) | Command::Ca(_) | Command::Cert(_) | Command::Guest(_) => {
             unreachable!("not a client command")
         }
         Command::Status => Request::Status,
@@ -160,7 +160,8 @@ fn render_status(status: &admin::Status) -> String {
          ports            {ports}\n\
          refused clients  bad-magic={} bad-version={} truncated={} timeout={} malformed={} \
          unreachable={} too-many-ports={}\n\
-         refused admin    bad-request={}\n",
+         refused admin    bad-request={}\n\
+         refused guests   malformed={} refused={} forged={}\n",
         r.bad_magic,
         r.bad_version,
         r.truncated,
@@ -169,6 +170,9 @@ fn render_status(status: &admin::Status) -> String {
         r.unreachable,
         r.too_many_ports,
         r.admin_bad_request,
+        r.guest_malformed,
+        r.guest_refused,
+        r.guest_forged,
         version = status.version,
         pid = status.pid,
         uptime = status.uptime_secs,

@@ -45,6 +45,8 @@ pub(crate) struct Config {
     pub(crate) nics: Vec<DeviceSection>,
     #[serde(default)]
     pub(crate) federation: FederationSection,
+    #[serde(default)]
+    pub(crate) guests: GuestSection,
     /// Peers to dial.
     #[serde(default, rename = "peer")]
     pub(crate) peers: Vec<PeerSection>,
@@ -100,8 +102,26 @@ pub(crate) struct PeerSection {
     pub(crate) address: String,
 }
 
+/// `[guests]`: what guests may ask of the node in-band (`umnet guest set-net`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct GuestSection {
+    /// Guests may move their own port to another network.
+    pub(crate) set_net: bool,
+    /// The networks they may choose; every network the node serves when empty.
+    pub(crate) networks: Vec<NetworkId>,
+}
+
+impl GuestSection {
+    /// The networks guests may choose: `None` when they may choose none, an empty set when
+    /// they may choose any.
+    pub(crate) fn policy(&self) -> Option<BTreeSet<NetworkId>> {
+        self.set_net.then(|| self.networks.iter().copied().collect())
+    }
+}
+
 /// `[switch]`: limits and timers.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct SwitchSection {
     /// Seconds a learned address is kept without traffic.
@@ -237,6 +257,7 @@ impl Config {
             queue_len: self.switch.port_queue,
             max_ports: self.switch.max_ports,
             busy_poll: Duration::from_micros(self.switch.busy_poll_us),
+            guest_networks: self.guests.policy(),
         }
     }
 }

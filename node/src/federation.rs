@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 
+use umnet_proto::admin::NetworkId;
+
 use crate::config::{Config, Inbound};
 use crate::peers::Settings;
 use crate::underlay::{self, UnderlayCounters};
@@ -60,18 +62,7 @@ pub(crate) fn start(
     revocations
         .replace(&config.federation.revoked_names, &config.federation.revoked_fingerprints)
         .context("bad revocation list in the config")?;
-    let server = umnet_certs::server_config(&identity, revocations.clone())?;
-    let client = umnet_certs::client_config(&identity, revocations.clone())?;
-
-    let transport = Arc::new(transport());
-    let server = quinn::crypto::rustls::QuicServerConfig::try_from(server)
-        .context("the TLS configuration cannot carry QUIC")?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
-    server.transport_config(transport.clone());
-    let client = quinn::crypto::rustls::QuicClientConfig::try_from(client)
-        .context("the TLS configuration cannot carry QUIC")?;
-    let mut client = quinn::ClientConfig::new(Arc::new(client));
-    client.transport_config(transport);
+    let (server, client) = quic_configs(&identity, &revocations)?;
 
     let listen = listen.clone().unwrap_or_else(|| config.federation.listen.clone());
     let address: SocketAddr =
@@ -81,20 +72,57 @@ pub(crate) fn start(
         .with_context(|| format!("cannot listen for peers on UDP {address}"))?;
     tracing::info!(name = %info.name, listen = %endpoint.local_addr()?, "listening for peers");
 
-    let allowed: BTreeMap<u32, BTreeSet<String>> = config
-        .networks
-        .iter()
-        .filter_map(|n| Some((n.id, n.peers.clone()?.into_iter().collect())))
-        .collect();
     let settings = Settings {
         name: info.name,
-        not_after: info.not_after,
-        listed_only: config.federation.inbound == Inbound::Listed,
-        allowed,
+        not_after: std::sync::Mutex::new(info.not_after),
+        identity: path,
+        fingerprint: std::sync::Mutex::new(info.fingerprint),
+        policy: std::sync::Mutex::new(Policy::of(config)),
         counters,
         revocations,
     };
     Ok(Some((settings, endpoint, client)))
+}
+
+/// The QUIC server and client configurations of a node with `identity`, refusing peers that
+/// `revocations` names.
+pub(crate) fn quic_configs(
+    identity: &umnet_certs::Identity,
+    revocations: &Arc<umnet_certs::Revocations>,
+) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+    let server = umnet_certs::server_config(identity, revocations.clone())?;
+    let client = umnet_certs::client_config(identity, revocations.clone())?;
+    let transport = Arc::new(transport());
+    let server = quinn::crypto::rustls::QuicServerConfig::try_from(server)
+        .context("the TLS configuration cannot carry QUIC")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+    server.transport_config(transport.clone());
+    let client = quinn::crypto::rustls::QuicClientConfig::try_from(client)
+        .context("the TLS configuration cannot carry QUIC")?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client));
+    client.transport_config(transport);
+    Ok((server, client))
+}
+
+/// Who may connect and carry which networks: what a SIGHUP may change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Policy {
+    /// Accept inbound connections only from configured peers.
+    pub(crate) listed_only: bool,
+    /// Networks restricted to some peers: a peer not listed never carries their frames.
+    pub(crate) allowed: BTreeMap<NetworkId, BTreeSet<String>>,
+}
+
+impl Policy {
+    /// The policy `config` sets.
+    pub(crate) fn of(config: &Config) -> Self {
+        let allowed = config
+            .networks
+            .iter()
+            .filter_map(|n| Some((n.id, n.peers.clone()?.into_iter().collect())))
+            .collect();
+        Policy { listed_only: config.federation.inbound == Inbound::Listed, allowed }
+    }
 }
 
 /// Warns when the node certificate of `name`, valid until `not_after`, expires within

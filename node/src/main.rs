@@ -15,6 +15,7 @@ mod cli;
 mod config;
 mod control;
 mod federation;
+mod guest_cli;
 mod identity_cli;
 mod node;
 mod peers;
@@ -71,6 +72,9 @@ enum Command {
     /// Manage peers: other nodes of the cluster.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// Run inside a guest: ask the node serving one of its interfaces for a change.
+    #[command(subcommand)]
+    Guest(GuestCommand),
     /// Show learned MAC addresses.
     Fdb {
         /// Only this network.
@@ -139,6 +143,18 @@ pub(crate) enum PortCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub(crate) enum GuestCommand {
+    /// Move this interface's port to another network, as um_eth_net_set did. The node must
+    /// let guests choose that network ([guests] in its config).
+    SetNet {
+        /// The guest's interface on the node, as eth0.
+        iface: String,
+        /// The network to move to.
+        net: NetworkId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub(crate) enum PeerCommand {
     /// List peers: state, address, RTT, traffic, drops.
     List,
@@ -199,6 +215,9 @@ fn main() -> ExitCode {
         }
         Command::Ca(command) => local(identity_cli::ca(command)),
         Command::Cert(command) => local(identity_cli::cert(command)),
+        Command::Guest(GuestCommand::SetNet { iface, net }) => {
+            guest_cli::set_net(&iface, net, cli.json)
+        }
         command => {
             let run_dir = cli.run_dir.unwrap_or_else(config::default_run_dir);
             cli::run(&run_dir, cli.json, command)

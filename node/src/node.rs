@@ -49,6 +49,8 @@ pub(crate) struct Node {
     node_name: String,
     /// Peers, when the node has an identity.
     federation: Option<Arc<Federation>>,
+    /// The config file as last read, to tell what a SIGHUP changes.
+    config: Mutex<Config>,
     inner: Mutex<Inner>,
 }
 
@@ -164,6 +166,7 @@ async fn serve(
         started: Instant::now(),
         node_name,
         federation,
+        config: Mutex::new(config.clone()),
         inner: Mutex::new(Inner { state: state.clone(), ..Inner::default() }),
     });
     for &net in &networks {
@@ -240,8 +243,8 @@ async fn serve(
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM, applying the config's revocation list on each SIGHUP.
-async fn wait_for_signal(node: &Node, config: Option<&Path>) -> anyhow::Result<()> {
+/// Waits for SIGINT or SIGTERM, reloading the config file on each SIGHUP.
+async fn wait_for_signal(node: &Arc<Node>, config: Option<&Path>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -250,7 +253,7 @@ async fn wait_for_signal(node: &Node, config: Option<&Path>) -> anyhow::Result<(
         tokio::select! {
             _ = interrupt.recv() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
-            _ = hangup.recv() => node.reload(config),
+            _ = hangup.recv() => node.reload(config).await,
         }
     }
 }
@@ -357,9 +360,7 @@ fn refused(kind: ErrorKind, message: impl Into<String>) -> admin::Error {
 
 impl Node {
     fn inner(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves data that is still consistent enough to
-        // report and shut down with.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner)
     }
 
     /// Carries out one admin request.
@@ -398,11 +399,7 @@ impl Node {
                 Ok(Reply::Ports(vec![port]))
             }
             Request::PortRm { port } => {
-                let id = self.resolve_port(&port)?;
-                let reply =
-                    self.switch.ask(|reply| Command::RemovePort { port: id, reply: Some(reply) });
-                let port = reply.await??;
-                self.forget_ports(&[port.id])?;
+                self.remove_device(&port).await?;
                 Ok(Reply::Done)
             }
             Request::Fdb { net } => {
@@ -454,10 +451,13 @@ impl Node {
         })
     }
 
-    /// Reads the config file again and applies its revocation list: revoked peers are cut off
-    /// at once. A bad file changes nothing.
-    fn reload(&self, config: Option<&Path>) {
-        let Some(path) = config else {
+    /// Reads the config file again and applies what changed, leaving alone every network,
+    /// port and peer that did not: new networks, taps, NICs and peers are added, those gone
+    /// from the file (and not made with the CLI) are removed, allow lists, the inbound rule and
+    /// revocations take effect, and a renewed certificate is used for new connections. A file
+    /// that does not load changes nothing.
+    async fn reload(self: &Arc<Self>, path: Option<&Path>) {
+        let Some(path) = path else {
             tracing::warn!("SIGHUP: the node was started without --config; nothing to reload");
             return;
         };
@@ -468,10 +468,88 @@ impl Node {
                 return;
             }
         };
+        let old = std::mem::replace(&mut *lock(&self.config), config.clone());
+        let saved = self.inner().state.clone();
+        if old.switch != config.switch {
+            tracing::warn!("SIGHUP: [switch] settings take effect when the node restarts");
+        }
+        if old.guests != config.guests {
+            self.switch.send(Command::SetGuestPolicy { networks: config.guests.policy() });
+            tracing::info!(set_net = config.guests.set_net, "SIGHUP: guest policy changed");
+        }
+
+        // Step 1: networks, then the devices on them.
+        for net in config.networks.iter().map(|n| n.id) {
+            if !self.inner().networks.contains_key(&net) {
+                match self.open_network(net) {
+                    Ok(()) => self.networks_changed(),
+                    Err(error) => tracing::error!(net, "SIGHUP: cannot serve network: {error:#}"),
+                }
+            }
+        }
+        for device in old.taps.iter().chain(&old.nics) {
+            let kept = config.taps.iter().chain(&config.nics).any(|d| d.name == device.name);
+            let made_with_cli = saved.taps.iter().any(|t| t.name == device.name)
+                || saved.nics.iter().any(|n| n.name == device.name);
+            if !kept && !made_with_cli {
+                if let Err(error) = self.remove_device(&device.name).await {
+                    tracing::error!(port = %device.name, "SIGHUP: cannot remove: {error}");
+                }
+            }
+        }
+        let gone = old.networks.iter().map(|n| n.id).filter(|net| {
+            !config.networks.iter().any(|n| n.id == *net) && !saved.networks.contains(net)
+        });
+        for net in gone.collect::<Vec<_>>() {
+            if let Err(error) = self.remove_network(net, false).await {
+                tracing::warn!(net, "SIGHUP: network left in place: {error}");
+            }
+        }
+        for tap in &config.taps {
+            if !self.inner().devices.contains_key(&tap.name) {
+                if let Err(error) = self.open_tap(&tap.name, tap.net, false) {
+                    tracing::error!(tap = %tap.name, "SIGHUP: cannot open tap port: {error}");
+                }
+            }
+        }
+        for nic in &config.nics {
+            if !self.inner().devices.contains_key(&nic.name) {
+                if let Err(error) = self.open_nic(&nic.name, nic.net, true) {
+                    tracing::error!(nic = %nic.name, "SIGHUP: cannot open NIC port: {error}");
+                }
+            }
+        }
+
+        // Step 2: federation.
         let Some(federation) = &self.federation else {
-            tracing::info!("SIGHUP: config read; this node has no identity, so no peers");
+            if !config.peers.is_empty() {
+                tracing::warn!(
+                    "SIGHUP: the config names peers, and this node has no identity; start it \
+                     with one to join a cluster"
+                );
+            }
             return;
         };
+        federation.set_policy(crate::federation::Policy::of(&config));
+        let dialed = federation.configured();
+        for peer in &config.peers {
+            if dialed.get(&peer.name) != Some(&peer.address) {
+                tracing::info!(peer = %peer.name, address = %peer.address, "SIGHUP: peer added");
+                federation.add_peer(&peer.name, &peer.address);
+            }
+        }
+        for peer in &old.peers {
+            let kept = config.peers.iter().any(|p| p.name == peer.name)
+                || saved.peers.iter().any(|p| p.name == peer.name);
+            if !kept && federation.remove_peer(&peer.name) {
+                tracing::info!(peer = %peer.name, "SIGHUP: peer removed");
+            }
+        }
+        match federation.reload_identity() {
+            Ok(true) => tracing::info!("SIGHUP: new certificate in use for new connections"),
+            Ok(false) => {}
+            Err(error) => tracing::error!("SIGHUP: certificate not reloaded: {error:#}"),
+        }
         let names = &config.federation.revoked_names;
         let fingerprints = &config.federation.revoked_fingerprints;
         match federation.revoke(names, fingerprints) {
@@ -481,10 +559,17 @@ impl Node {
                 closed,
                 "SIGHUP: revocation list applied"
             ),
-            Err(error) => {
-                tracing::error!("SIGHUP: revocation list not applied: {error}");
-            }
+            Err(error) => tracing::error!("SIGHUP: revocation list not applied: {error}"),
         }
+        tracing::info!(config = %path.display(), "SIGHUP: config reloaded");
+    }
+
+    /// Removes the tap or NIC port on device `name`.
+    async fn remove_device(&self, name: &str) -> Result<(), admin::Error> {
+        let id = self.resolve_port(name)?;
+        let reply = self.switch.ask(|reply| Command::RemovePort { port: id, reply: Some(reply) });
+        let port = reply.await??;
+        self.forget_ports(&[port.id])
     }
 
     /// Tells peers which networks the node serves now.
@@ -784,6 +869,12 @@ impl Node {
             close_network_dir(&self.run_dir, net);
         }
     }
+}
+
+/// Locks `mutex`; a panic while holding one of the node's locks leaves data that is still
+/// consistent enough to report and shut down with.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn close_network_dir(run_dir: &Path, net: NetworkId) {

@@ -27,6 +27,7 @@ use tokio::sync::{watch, Notify};
 use umnet_proto::admin::{self, NetworkId, PeerCounters, PeerState};
 use umnet_proto::peer::{encode, Datagram, Message, Reassembled, Reassembly, PROTOCOL_VERSION};
 
+use crate::federation::Policy;
 use crate::switch::{self, Command};
 use crate::underlay::UnderlayCounters;
 
@@ -139,16 +140,18 @@ impl PeerLink {
 }
 
 /// Settings of federation, from the config file and the command line.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Settings {
     /// This node's name, from its certificate.
     pub(crate) name: String,
-    /// When this node's certificate expires.
-    pub(crate) not_after: std::time::SystemTime,
-    /// Accept inbound connections only from configured peers.
-    pub(crate) listed_only: bool,
-    /// Networks restricted to some peers: a peer not listed never carries their frames.
-    pub(crate) allowed: BTreeMap<NetworkId, BTreeSet<String>>,
+    /// When this node's certificate expires; a reloaded certificate moves it.
+    pub(crate) not_after: Mutex<std::time::SystemTime>,
+    /// Where the identity bundle is, read again on SIGHUP.
+    pub(crate) identity: std::path::PathBuf,
+    /// Fingerprint of the certificate new connections present.
+    pub(crate) fingerprint: Mutex<String>,
+    /// Who may connect and carry which networks.
+    pub(crate) policy: Mutex<Policy>,
     /// What arrives on the peer port.
     pub(crate) counters: Arc<UnderlayCounters>,
     /// Revoked names and certificates, checked at every handshake.
@@ -183,7 +186,8 @@ struct Entry {
 pub(crate) struct Federation {
     settings: Settings,
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// How this node dials; replaced when a SIGHUP brings a new certificate.
+    client: Mutex<quinn::ClientConfig>,
     switch: switch::Handle,
     peers: Mutex<BTreeMap<String, Entry>>,
     local: watch::Sender<BTreeSet<NetworkId>>,
@@ -204,7 +208,7 @@ impl Federation {
         Arc::new(Federation {
             settings,
             endpoint,
-            client,
+            client: Mutex::new(client),
             switch,
             peers: Mutex::new(BTreeMap::new()),
             local: watch::channel(local).0,
@@ -243,7 +247,8 @@ impl Federation {
         loop {
             checks.tick().await;
             let now = std::time::SystemTime::now();
-            crate::federation::warn_of_expiry(&self.settings.name, self.settings.not_after, now);
+            let not_after = *lock(&self.settings.not_after);
+            crate::federation::warn_of_expiry(&self.settings.name, not_after, now);
         }
     }
 
@@ -327,7 +332,7 @@ impl Federation {
             .ok_or_else(|| format!("{address} resolves to nothing"))?;
         let connecting = self
             .endpoint
-            .connect_with(self.client.clone(), resolved, name)
+            .connect_with(lock(&self.client).clone(), resolved, name)
             .map_err(|e| format!("cannot dial {address}: {e}"))?;
         match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
             Ok(Ok(connection)) => Ok(connection),
@@ -356,7 +361,7 @@ impl Federation {
             return;
         }
         let configured = self.peers().get(&name).is_some_and(|e| e.address.is_some());
-        if !dialed && self.settings.listed_only && !configured {
+        if !dialed && lock(&self.settings.policy).listed_only && !configured {
             tracing::warn!(peer = %name, remote = %connection.remote_address(),
                 "inbound connection refused: not a listed peer (federation.inbound = \"listed\")");
             connection.close(2u32.into(), b"not a listed peer");
@@ -518,7 +523,7 @@ impl Federation {
     }
 
     fn allowed(&self, net: NetworkId, name: &str) -> bool {
-        self.settings.allowed.get(&net).is_none_or(|names| names.contains(name))
+        lock(&self.settings.policy).allowed.get(&net).is_none_or(|names| names.contains(name))
     }
 
     /// Reads frames from the peer and hands them to the switch.
@@ -629,6 +634,54 @@ impl Federation {
         Ok(closed)
     }
 
+    /// Applies a new policy: peers are told again which networks they may carry, and each
+    /// peer's ports are made to match.
+    pub(crate) fn set_policy(&self, policy: Policy) {
+        *lock(&self.settings.policy) = policy;
+        self.local.send_modify(|_| {});
+        let names: Vec<String> = self.peers().keys().cloned().collect();
+        for name in names {
+            self.reconcile(&name);
+        }
+    }
+
+    /// Names of the peers this node dials.
+    pub(crate) fn configured(&self) -> BTreeMap<String, String> {
+        self.peers()
+            .iter()
+            .filter_map(|(name, entry)| Some((name.clone(), entry.address.clone()?)))
+            .collect()
+    }
+
+    /// Reads the identity bundle again; if it holds a new certificate for the same name, new
+    /// connections use it from now on, and live ones keep theirs. Returns whether it changed.
+    pub(crate) fn reload_identity(&self) -> anyhow::Result<bool> {
+        use anyhow::Context;
+        let path = &self.settings.identity;
+        let identity = umnet_certs::Identity::load(path)
+            .with_context(|| format!("cannot read identity {}", path.display()))?;
+        let info = identity.info();
+        if info.name != self.settings.name {
+            anyhow::bail!(
+                "{} names node {:?}, and this node runs as {:?}; restart it to change its name",
+                path.display(),
+                info.name,
+                self.settings.name
+            );
+        }
+        if *lock(&self.settings.fingerprint) == info.fingerprint {
+            return Ok(false);
+        }
+        let (server, client) =
+            crate::federation::quic_configs(&identity, &self.settings.revocations)?;
+        self.endpoint.set_server_config(Some(server));
+        *lock(&self.client) = client;
+        *lock(&self.settings.not_after) = info.not_after;
+        *lock(&self.settings.fingerprint) = info.fingerprint.clone();
+        crate::federation::warn_of_expiry(&info.name, info.not_after, std::time::SystemTime::now());
+        Ok(true)
+    }
+
     /// This node's name, from its certificate.
     pub(crate) fn name(&self) -> &str {
         &self.settings.name
@@ -710,6 +763,12 @@ async fn read_hello(connection: &quinn::Connection) -> Result<(RecvStream, u64),
         Err(ReadError::Closed) => Err("the connection closed before the hello".into()),
         Err(ReadError::Malformed(error)) => Err(error),
     }
+}
+
+/// Locks `mutex`, taking the data even if a panicking thread held it: every value behind these
+/// locks is replaced whole, so it is never half-written.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A random number, different in every process: std seeds each `RandomState` from the OS.

@@ -16,6 +16,9 @@ pub(crate) struct RejectCounters {
     pub(crate) unreachable: AtomicU64,
     pub(crate) too_many_ports: AtomicU64,
     pub(crate) admin_bad_request: AtomicU64,
+    pub(crate) guest_malformed: AtomicU64,
+    pub(crate) guest_refused: AtomicU64,
+    pub(crate) guest_forged: AtomicU64,
 }
 
 impl RejectCounters {
@@ -36,6 +39,9 @@ impl RejectCounters {
             unreachable: get(&self.unreachable),
             too_many_ports: get(&self.too_many_ports),
             admin_bad_request: get(&self.admin_bad_request),
+            guest_malformed: get(&self.guest_malformed),
+            guest_refused: get(&self.guest_refused),
+            guest_forged: get(&self.guest_forged),
         }
     }
 }

@@ -449,6 +449,48 @@ pub(crate) fn open_packet_socket(name: &str) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A blocking packet socket on interface `name` that sends and receives frames of
+/// `ethertype` only, each read waiting at most `timeout`: what `umnet guest` talks to its node
+/// with.
+pub(crate) fn open_ethertype_socket(
+    name: &str,
+    ethertype: u16,
+    timeout: std::time::Duration,
+) -> io::Result<OwnedFd> {
+    let index = interface_index(name)?;
+    let protocol = ethertype.to_be();
+    // SAFETY: socket(2) has no memory arguments; a non-negative result is a fresh descriptor
+    // that we own.
+    let fd = check(unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::c_int::from(protocol),
+        )
+    })?;
+    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+    let mut address: libc::sockaddr_ll = unsafe { mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = protocol;
+    address.sll_ifindex = index as libc::c_int;
+    // SAFETY: address is a valid sockaddr_ll and the length passed is its size.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &address as *const libc::sockaddr_ll as *const libc::sockaddr,
+            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })?;
+    let timeout = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
+    };
+    set_option(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout)?;
+    Ok(fd)
+}
+
 /// Sends the concatenation of `parts` as one frame on a connected or bound socket, without
 /// blocking.
 pub(crate) fn send_parts(fd: RawFd, parts: &[&[u8]]) -> io::Result<usize> {

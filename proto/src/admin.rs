@@ -211,6 +211,15 @@ pub struct Rejects {
     pub too_many_ports: u64,
     /// Admin requests that did not decode.
     pub admin_bad_request: u64,
+    /// In-band guest requests that did not decode.
+    #[serde(default)]
+    pub guest_malformed: u64,
+    /// Guest requests for a network the config does not let guests choose.
+    #[serde(default)]
+    pub guest_refused: u64,
+    /// Guest requests that came from where no guest is: a peer, a NIC's LAN, a tap.
+    #[serde(default)]
+    pub guest_forged: u64,
 }
 
 /// One network.

@@ -10,6 +10,8 @@
 //! - [`peer`]: what nodes send each other: frames as QUIC datagrams, fragmented when they do
 //!   not fit, and announcements of the networks each serves.
 //! - [`beacon`]: the frame NIC ports send on their wire to find others bridging the same LAN.
+//! - [`guest`]: what a guest asks of its node in-band (moving its port to another network),
+//!   and the node's answer.
 //! - [`offload`]: the virtio header of packet sockets, and turning offloaded super-frames,
 //!   partial checksums and stripped VLAN tags back into wire frames.
 #![warn(missing_docs)]
@@ -18,5 +20,6 @@ pub mod admin;
 pub mod beacon;
 pub mod daemon;
 pub mod ethernet;
+pub mod guest;
 pub mod offload;
 pub mod peer;

@@ -96,18 +96,30 @@ impl Netns {
     /// thread enters the namespace (`setns(2)` changes only the calling thread's), creates the
     /// socket and hands it back.
     pub fn udp_socket(&self, address: &str) -> Result<UdpSocket> {
-        let path = Path::new("/run/netns").join(&self.name);
         let address = address.to_string();
-        let entered = std::thread::spawn(move || -> Result<UdpSocket> {
+        self.within(move || {
+            UdpSocket::bind(&address).with_context(|| format!("binding UDP {address}"))
+        })
+    }
+
+    /// Runs `make` on a short-lived thread inside this namespace (`setns(2)` changes only the
+    /// calling thread's) and hands back what it made: sockets belong to the namespace they
+    /// were created in for their whole life, abstract unix addresses included.
+    pub fn within<T: Send + 'static>(
+        &self,
+        make: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let path = Path::new("/run/netns").join(&self.name);
+        let entered = std::thread::spawn(move || -> Result<T> {
             let namespace =
                 File::open(&path).with_context(|| format!("opening {}", path.display()))?;
             // SAFETY: setns(2) on a namespace file we hold open; it affects only this thread,
-            // which ends right after making the socket.
+            // which ends right after `make`.
             if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error())
                     .with_context(|| format!("entering {}", path.display()));
             }
-            UdpSocket::bind(&address).with_context(|| format!("binding UDP {address}"))
+            make()
         });
         entered.join().map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
     }

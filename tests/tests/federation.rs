@@ -485,3 +485,68 @@ fn a_node_key_never_leaves_the_node_in_the_request_flow() -> Result<()> {
     fails(&["cert", "show", "/nonexistent/cert.pem"], "nonexistent")?;
     Ok(())
 }
+
+#[test]
+fn sighup_adds_a_peer_and_a_network_and_revokes_a_peer_while_a_ping_runs() -> Result<()> {
+    let ca = Ca::new("reload")?;
+    let underlay = Underlay::new(&["a", "b", "c", "d"], 1500)?;
+    let config = |extra: &str, peers: &[usize]| {
+        let mut text = format!("{extra}{NETWORKS}");
+        for &j in peers {
+            let name = ["a", "b", "c", "d"][j];
+            text.push_str(&format!(
+                "\n[[peer]]\nname = \"{name}\"\naddress = \"{}\"\n",
+                address(j)
+            ));
+        }
+        text
+    };
+    let mut a = Node::start(
+        NodeOptions::new()
+            .netns(&underlay.hosts[0])
+            .config(&config("", &[1]))
+            .arg("--identity")
+            .arg(&ca.issue("a", 30)?)
+            .arg("--listen")
+            .arg(&format!("0.0.0.0:{PEER_PORT}")),
+    )?;
+    let b = underlay.start_node(1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
+    let _c = underlay.start_node(2, &ca.issue("c", 30)?, &[(0, "a")], NETWORKS)?;
+    let _d = underlay.start_node(3, &ca.issue("d", 30)?, &[], NETWORKS)?;
+    wait_connected(&a, &["b", "c"])?;
+    a.cli_ok(&["port", "add", "tap", "rta", "--net", "100"])?;
+    b.cli_ok(&["port", "add", "tap", "rtb", "--net", "100"])?;
+    underlay.hosts[0].addr("rta", "10.0.0.1/24")?;
+    underlay.hosts[1].addr("rtb", "10.0.0.2/24")?;
+    assert!(underlay.hosts[0].ping_ok("10.0.0.2")?);
+    let uptime = |node: &Node, name: &str| -> Result<u64> {
+        let peers = node.cli_json(&["peer", "list"])?;
+        Ok(counter(peer(&peers, name).context("peer gone")?, &["uptime_secs"]))
+    };
+
+    // A ping runs across the reload: 40 echoes, one every 100 ms.
+    let mut ping = underlay.hosts[0].command("/bin/busybox")?;
+    ping.args(["ping", "-c", "40", "-i", "0.1", "-W", "2", "10.0.0.2"]);
+    let ping = ping.stdout(std::process::Stdio::piped()).spawn().context("starting ping")?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let b_before = uptime(&a, "b")?;
+    a.reconfigure(&config(
+        "[federation]\nrevoked_names = [\"c\"]\n\n[[network]]\nid = 102\n\n",
+        &[1, 3],
+    ))?;
+    wait_connected(&a, &["d"])?;
+    wait_for(Duration::from_secs(5), Duration::from_millis(100), || {
+        let peers = a.cli_json(&["peer", "list"])?;
+        Ok(peer(&peers, "c").is_none_or(|c| c["state"] != "connected").then_some(()))
+    })
+    .with_context(|| format!("c still connected after its revocation:\n{}", a.log()))?;
+    let networks = a.cli_json(&["net", "list"])?;
+    assert!(networks.as_array().into_iter().flatten().any(|n| n["id"] == 102), "{networks}");
+
+    let output = ping.wait_with_output().context("waiting for ping")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("40 packets transmitted, 40 packets received"), "{text}");
+    assert!(uptime(&a, "b")? >= b_before, "the connection to b was replaced");
+    assert!(a.log().contains("SIGHUP: config reloaded"), "{}", a.log());
+    Ok(())
+}

@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 use umnet_proto::admin::{self, ErrorKind, FdbEntry, NetworkId, PortKind};
 use umnet_proto::beacon::{self, Beacon};
 use umnet_proto::ethernet::{Header, HEADER_LEN};
+use umnet_proto::guest;
 use umnet_proto::offload::{self, VnetHeader, NEEDS_CSUM, VNET_HEADER_LEN};
 
 use self::bridge::{Bridge, Decision, Learned};
@@ -86,6 +87,8 @@ pub(crate) struct SwitchConfig {
     /// bursts and a reply often follows within microseconds, while waking a sleeping thread
     /// costs 25-100 µs on a virtual machine: more than a round trip through the switch.
     pub(crate) busy_poll: Duration,
+    /// The networks guests may move their ports to in-band: none when `None`, any when empty.
+    pub(crate) guest_networks: Option<BTreeSet<NetworkId>>,
 }
 
 /// A port handed to the switch.
@@ -165,6 +168,10 @@ pub(crate) enum Command {
         peer: PeerId,
         net: NetworkId,
         frame: Vec<u8>,
+    },
+    /// Which networks guests may move their ports to in-band, as [`SwitchConfig`] says.
+    SetGuestPolicy {
+        networks: Option<BTreeSet<NetworkId>>,
     },
     Shutdown,
 }
@@ -263,6 +270,8 @@ pub(crate) fn new(
         restored: Vec::new(),
         segmented: Vec::new(),
         malformed_warnings: HashMap::new(),
+        control_frames: Vec::new(),
+        guest_warning: RateLimit::default(),
         last_local_delivery: Instant::now(),
         rejects,
         config,
@@ -305,6 +314,10 @@ pub(crate) struct Switch {
     /// One segment of a NIC super-frame.
     segmented: Vec<u8>,
     malformed_warnings: HashMap<PortId, RateLimit>,
+    /// Frames for the node itself (guest requests), taken out of the stream while switching
+    /// and answered once the batch is done.
+    control_frames: Vec<(PortId, Vec<u8>)>,
+    guest_warning: RateLimit,
     /// When a frame last went out to a local port; busy polling follows it.
     last_local_delivery: Instant,
     rejects: Arc<RejectCounters>,
@@ -401,7 +414,10 @@ impl Switch {
                 }
             }
 
-            // Step 4: timers.
+            // Step 4: requests from guests, then timers.
+            if !self.control_frames.is_empty() {
+                self.answer_guests();
+            }
             let now = Instant::now();
             if !self.congested.is_empty() {
                 self.check_congested(now);
@@ -520,6 +536,7 @@ impl Switch {
                 &mut self.networks,
                 &mut self.malformed_warnings,
                 &mut self.congested,
+                &mut self.control_frames,
                 &self.config,
                 ingress,
             ) {
@@ -544,6 +561,7 @@ impl Switch {
                 &mut self.networks,
                 &mut self.malformed_warnings,
                 &mut self.congested,
+                &mut self.control_frames,
                 &self.config,
                 Ingress { id, frame, oversize: false, now },
             ) {
@@ -593,8 +611,9 @@ impl Switch {
         };
         let frame = &mut data[VNET_HEADER_LEN..];
 
-        // Step 1: beacons are the election's, never traffic.
-        if beacon::is_beacon(frame) {
+        // Step 1: beacons are the election's, never traffic. (A guest request from the LAN is
+        // no beacon: the switch refuses it as forged.)
+        if beacon::is_beacon(frame) && !guest::is_guest_frame(frame) {
             self.hear_beacon(id, frame, now);
             return false;
         }
@@ -654,6 +673,65 @@ impl Switch {
         local
     }
 
+    /// Answers the in-band requests guests sent: a guest may move its own port to a network
+    /// the config lets guests choose. A request from where no guest is (a peer, a NIC's LAN, a
+    /// tap) is forged: the node answers nothing and counts it.
+    fn answer_guests(&mut self) {
+        for (id, frame) in std::mem::take(&mut self.control_frames) {
+            let Some(port) = self.ports.get(&id) else { continue };
+            let from = port.net;
+            if !matches!(port.kind, PortKind::Uml | PortKind::Vde | PortKind::Bess) {
+                self.refuse_guest(id, &GuestRefusal::Forged, "not from a guest's port");
+                continue;
+            }
+            let request = match guest::Request::parse(&frame) {
+                Ok(request) => request,
+                Err(error) => {
+                    self.refuse_guest(id, &GuestRefusal::Malformed, &error.to_string());
+                    continue;
+                }
+            };
+            let (status, message) = match &self.config.guest_networks {
+                None => (
+                    guest::Status::Refused,
+                    "this node does not let guests choose their network ([guests] set_net)"
+                        .to_string(),
+                ),
+                Some(allowed) if !allowed.is_empty() && !allowed.contains(&request.net) => (
+                    guest::Status::Refused,
+                    format!("guests may not choose network {} on this node", request.net),
+                ),
+                Some(_) => match self.set_network(id, request.net) {
+                    Ok(_) => (guest::Status::Moved, format!("moved to network {}", request.net)),
+                    Err(error) => (guest::Status::NoSuchNetwork, error.message),
+                },
+            };
+            if status == guest::Status::Moved {
+                tracing::info!(port = id, from, to = request.net, "guest moved its port");
+            } else {
+                self.refuse_guest(id, &GuestRefusal::Refused, &message);
+            }
+            let Some(port) = self.ports.get_mut(&id) else { continue };
+            let reply = guest::Reply { id: request.id, net: port.net, status, message };
+            let mut source = [0u8; 6];
+            source.copy_from_slice(&frame[6..12]);
+            port.transmit(&reply.emit(umnet_proto::ethernet::MacAddress(source)));
+        }
+    }
+
+    /// Counts a refused guest request and warns (rate-limited).
+    fn refuse_guest(&mut self, id: PortId, refusal: &GuestRefusal, reason: &str) {
+        let counter = match refusal {
+            GuestRefusal::Forged => &self.rejects.guest_forged,
+            GuestRefusal::Malformed => &self.rejects.guest_malformed,
+            GuestRefusal::Refused => &self.rejects.guest_refused,
+        };
+        RejectCounters::count(counter);
+        if let Some(suppressed) = self.guest_warning.check(Instant::now()) {
+            tracing::warn!(port = id, reason, suppressed, "guest request refused");
+        }
+    }
+
     /// Switches one frame that came in on port `id`.
     fn switch_one(&mut self, id: PortId, frame: &[u8], now: Instant) -> bool {
         switch_frame(
@@ -661,6 +739,7 @@ impl Switch {
             &mut self.networks,
             &mut self.malformed_warnings,
             &mut self.congested,
+            &mut self.control_frames,
             &self.config,
             Ingress { id, frame, oversize: false, now },
         )
@@ -905,6 +984,7 @@ impl Switch {
                     self.peer_stats.remove(&peer);
                 }
                 Command::PeerFrame { peer, net, frame } => self.peer_frame(peer, net, &frame),
+                Command::SetGuestPolicy { networks } => self.config.guest_networks = networks,
                 Command::Shutdown => {
                     // Other bridges of the same LAN take over at once, not after HOLD.
                     let nics: Vec<PortId> = self
@@ -990,6 +1070,7 @@ impl Switch {
             &mut self.networks,
             &mut self.malformed_warnings,
             &mut self.congested,
+            &mut self.control_frames,
             &self.config,
             Ingress { id, frame, oversize: false, now },
         ) {
@@ -1199,11 +1280,13 @@ struct Ingress<'a> {
 ///
 /// A free function over the switch's parts, so the frame can borrow the receive buffer while
 /// ports and bridges are changed.
+#[allow(clippy::too_many_arguments)]
 fn switch_frame(
     ports: &mut HashMap<PortId, Port>,
     networks: &mut BTreeMap<NetworkId, Network>,
     warnings: &mut HashMap<PortId, RateLimit>,
     congested: &mut Vec<PortId>,
+    control: &mut Vec<(PortId, Vec<u8>)>,
     config: &SwitchConfig,
     ingress: Ingress<'_>,
 ) -> bool {
@@ -1234,6 +1317,11 @@ fn switch_frame(
     };
     port.counters.rx_frames += 1;
     port.counters.rx_bytes += frame.len() as u64;
+    if header.ethertype == beacon::ETHERTYPE {
+        // Beacons and guest requests are for the node, never switched.
+        control.push((id, frame.to_vec()));
+        return false;
+    }
     let net = port.net;
     let Some(network) = networks.get_mut(&net) else { return false };
 
@@ -1295,6 +1383,16 @@ fn switch_frame(
     }
     tracing::trace!(net, port = id, len = frame.len(), dst = %header.destination, "frame");
     sent.local
+}
+
+/// Why a guest request was refused.
+enum GuestRefusal {
+    /// It came from where no guest is.
+    Forged,
+    /// It did not decode.
+    Malformed,
+    /// The config does not allow it, or the network does not exist.
+    Refused,
 }
 
 /// What sending one frame out of one port did.
@@ -1374,6 +1472,7 @@ mod tests {
                 queue_len: 64,
                 max_ports: 8,
                 busy_poll: Duration::ZERO,
+                guest_networks: Some(BTreeSet::from([101])),
             };
             let (handle, switch) = new(config, Arc::default()).unwrap();
             let thread = std::thread::spawn(move || {
