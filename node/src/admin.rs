@@ -57,6 +57,12 @@ async fn connection(node: Arc<Node>, stream: UnixStream) {
             }
         }
 
+        if let Ok(admin::Request::Capture { net, port }) = decode(&line) {
+            // The connection carries the capture from now on.
+            tracing::debug!(net, ?port, "admin request: capture");
+            crate::capture::serve(&node, net, port, writer).await;
+            return;
+        }
         let (response, keep_open) = match decode(&line) {
             Ok(request) => {
                 tracing::debug!(?request, "admin request");

@@ -24,7 +24,11 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// Sends `command` to the node at `run_dir` and prints its answer.
 pub(crate) fn run(run_dir: &Path, json: bool, command: Command) -> ExitCode {
     let request = match command {
-        Command::Node(_) | Command::Ca(_) | Command::Cert(_) | Command::Guest(_) => {
+        Command::Node(_)
+        | Command::Ca(_)
+        | Command::Cert(_)
+        | Command::Guest(_)
+        | Command::Capture { .. } => {
             unreachable!("not a client command")
         }
         Command::Status => Request::Status,

@@ -32,6 +32,8 @@ pub(crate) struct Config {
     pub(crate) run_dir: Option<PathBuf>,
     /// Directory for persisted state; `--state-dir` overrides.
     pub(crate) state_dir: Option<PathBuf>,
+    /// TCP address of the Prometheus endpoint; none when absent.
+    pub(crate) metrics_listen: Option<String>,
     #[serde(default)]
     pub(crate) switch: SwitchSection,
     /// Networks to serve.
@@ -215,6 +217,11 @@ impl Config {
             bail!("switch.max_ports must be at least 1");
         }
         self.socket_mode()?;
+        if let Some(listen) = &self.metrics_listen {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                bail!("metrics_listen must be an address and port such as \"127.0.0.1:9110\", not {listen:?}");
+            }
+        }
         if self.federation.listen.parse::<std::net::SocketAddr>().is_err() {
             bail!(
                 "federation.listen must be an address and port such as \"0.0.0.0:7780\", not {:?}",

@@ -11,12 +11,14 @@
 //! the request.
 
 mod admin;
+mod capture;
 mod cli;
 mod config;
 mod control;
 mod federation;
 mod guest_cli;
 mod identity_cli;
+mod metrics;
 mod node;
 mod peers;
 mod rejects;
@@ -26,6 +28,9 @@ mod underlay;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
 
 use clap::{Args, Parser, Subcommand};
 use umnet_proto::admin::NetworkId;
@@ -75,6 +80,24 @@ enum Command {
     /// Run inside a guest: ask the node serving one of its interfaces for a change.
     #[command(subcommand)]
     Guest(GuestCommand),
+    /// Write the frames of a network (or of one port) as pcap, for tcpdump or Wireshark.
+    Capture {
+        /// The network.
+        #[arg(long)]
+        net: NetworkId,
+        /// Only what this port (an id, or a tap or NIC name) sends and receives.
+        #[arg(long)]
+        port: Option<String>,
+        /// Write to FILE instead of standard output (`umnet capture --net 100 | tcpdump -r -`).
+        #[arg(short = 'w', long = "write", value_name = "FILE")]
+        write: Option<PathBuf>,
+        /// Stop after this many frames.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<u64>,
+    },
     /// Show learned MAC addresses.
     Fdb {
         /// Only this network.
@@ -215,6 +238,20 @@ fn main() -> ExitCode {
         }
         Command::Ca(command) => local(identity_cli::ca(command)),
         Command::Cert(command) => local(identity_cli::cert(command)),
+        Command::Capture { net, port, write, count, duration } => {
+            let run_dir = cli.run_dir.unwrap_or_else(config::default_run_dir);
+            let limits = capture::Limits { count, duration: duration.map(Duration::from_secs) };
+            let result = match write {
+                Some(path) => std::fs::File::create(&path)
+                    .with_context(|| format!("cannot create {}", path.display()))
+                    .and_then(|file| {
+                        let mut out = std::io::BufWriter::new(file);
+                        capture::record(&run_dir, net, port, &mut out, limits)
+                    }),
+                None => capture::record(&run_dir, net, port, &mut std::io::stdout().lock(), limits),
+            };
+            local(result.map(|_| ()))
+        }
         Command::Guest(GuestCommand::SetNet { iface, net }) => {
             guest_cli::set_net(&iface, net, cli.json)
         }

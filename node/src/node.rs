@@ -226,10 +226,23 @@ async fn serve(
         "node started"
     );
     let admin_task = tokio::spawn(crate::admin::serve(node.clone(), admin));
+    let metrics_task = match &config.metrics_listen {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen for metrics scrapes on {listen}"))?;
+            tracing::info!(listen = %listener.local_addr()?, "serving metrics at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(node.clone(), listener)))
+        }
+        None => None,
+    };
 
     wait_for_signal(&node, config_path.as_deref()).await?;
     tracing::info!("stopping");
     admin_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     if let Some(federation) = &node.federation {
         federation.close().await;
     }
@@ -406,6 +419,10 @@ impl Node {
                 Ok(Reply::Fdb(self.switch.ask(|reply| Command::Fdb { net, reply }).await??))
             }
             Request::PeerList => Ok(Reply::Peers(self.federation()?.list())),
+            Request::Capture { .. } => Err(refused(
+                ErrorKind::Invalid,
+                "a capture takes over its connection; the admin server starts it",
+            )),
             Request::PeerAdd { name, address } => {
                 self.add_peer(&name, &address)?;
                 let peers = self.federation()?.list();
@@ -773,7 +790,7 @@ impl Node {
     }
 
     /// A port id, or the device name of a tap or NIC port.
-    fn resolve_port(&self, port: &str) -> Result<PortId, admin::Error> {
+    pub(crate) fn resolve_port(&self, port: &str) -> Result<PortId, admin::Error> {
         if let Some(device) = self.inner().devices.get(port) {
             return Ok(device.id);
         }

@@ -84,6 +84,15 @@ pub enum Request {
         /// The peer's node name.
         name: String,
     },
+    /// Streams the frames of network `net` (or of one of its ports) until the client closes
+    /// the connection: after the response line, the connection carries
+    /// [`crate::capture::Record`]s.
+    Capture {
+        /// The network.
+        net: NetworkId,
+        /// Only what this port (an id, or a tap or NIC name) sends and receives.
+        port: Option<String>,
+    },
 }
 
 /// What a node answers: a [`Reply`] or an [`Error`].

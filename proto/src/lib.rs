@@ -10,6 +10,7 @@
 //! - [`peer`]: what nodes send each other: frames as QUIC datagrams, fragmented when they do
 //!   not fit, and announcements of the networks each serves.
 //! - [`beacon`]: the frame NIC ports send on their wire to find others bridging the same LAN.
+//! - [`capture`]: the stream of captured frames a node sends `umnet capture`, and pcap.
 //! - [`guest`]: what a guest asks of its node in-band (moving its port to another network),
 //!   and the node's answer.
 //! - [`offload`]: the virtio header of packet sockets, and turning offloaded super-frames,
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod beacon;
+pub mod capture;
 pub mod daemon;
 pub mod ethernet;
 pub mod guest;

@@ -19,7 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -169,6 +169,8 @@ pub(crate) enum Command {
         net: NetworkId,
         frame: Vec<u8>,
     },
+    /// Starts a capture.
+    Capture(Capture),
     /// Which networks guests may move their ports to in-band, as [`SwitchConfig`] says.
     SetGuestPolicy {
         networks: Option<BTreeSet<NetworkId>>,
@@ -271,6 +273,7 @@ pub(crate) fn new(
         segmented: Vec::new(),
         malformed_warnings: HashMap::new(),
         control_frames: Vec::new(),
+        captures: Vec::new(),
         guest_warning: RateLimit::default(),
         last_local_delivery: Instant::now(),
         rejects,
@@ -317,6 +320,8 @@ pub(crate) struct Switch {
     /// Frames for the node itself (guest requests), taken out of the stream while switching
     /// and answered once the batch is done.
     control_frames: Vec<(PortId, Vec<u8>)>,
+    /// Captures in progress.
+    captures: Vec<Capture>,
     guest_warning: RateLimit,
     /// When a frame last went out to a local port; busy polling follows it.
     last_local_delivery: Instant,
@@ -537,6 +542,7 @@ impl Switch {
                 &mut self.malformed_warnings,
                 &mut self.congested,
                 &mut self.control_frames,
+                &mut self.captures,
                 &self.config,
                 ingress,
             ) {
@@ -562,6 +568,7 @@ impl Switch {
                 &mut self.malformed_warnings,
                 &mut self.congested,
                 &mut self.control_frames,
+                &mut self.captures,
                 &self.config,
                 Ingress { id, frame, oversize: false, now },
             ) {
@@ -740,6 +747,7 @@ impl Switch {
             &mut self.malformed_warnings,
             &mut self.congested,
             &mut self.control_frames,
+            &mut self.captures,
             &self.config,
             Ingress { id, frame, oversize: false, now },
         )
@@ -985,6 +993,10 @@ impl Switch {
                 }
                 Command::PeerFrame { peer, net, frame } => self.peer_frame(peer, net, &frame),
                 Command::SetGuestPolicy { networks } => self.config.guest_networks = networks,
+                Command::Capture(capture) => {
+                    tracing::info!(net = capture.net, port = capture.port, "capture started");
+                    self.captures.push(capture);
+                }
                 Command::Shutdown => {
                     // Other bridges of the same LAN take over at once, not after HOLD.
                     let nics: Vec<PortId> = self
@@ -1071,6 +1083,7 @@ impl Switch {
             &mut self.malformed_warnings,
             &mut self.congested,
             &mut self.control_frames,
+            &mut self.captures,
             &self.config,
             Ingress { id, frame, oversize: false, now },
         ) {
@@ -1287,6 +1300,7 @@ fn switch_frame(
     warnings: &mut HashMap<PortId, RateLimit>,
     congested: &mut Vec<PortId>,
     control: &mut Vec<(PortId, Vec<u8>)>,
+    captures: &mut Vec<Capture>,
     config: &SwitchConfig,
     ingress: Ingress<'_>,
 ) -> bool {
@@ -1324,6 +1338,9 @@ fn switch_frame(
     }
     let net = port.net;
     let Some(network) = networks.get_mut(&net) else { return false };
+    if !captures.is_empty() {
+        offer(captures, net, id, frame);
+    }
 
     // Step 2: learn the source.
     match network.bridge.learn(header.source, id, now) {
@@ -1363,12 +1380,12 @@ fn switch_frame(
     let mut sent = Transmitted::default();
     match network.bridge.decide(header.destination, id, now) {
         Decision::Forward(out) => {
-            sent = transmit(ports, congested, id, out, from_peer, frame, now);
+            sent = transmit(ports, congested, captures, id, out, from_peer, frame, now);
         }
         Decision::Flood => {
             for &out in &network.ports {
                 if out != id {
-                    let one = transmit(ports, congested, id, out, from_peer, frame, now);
+                    let one = transmit(ports, congested, captures, id, out, from_peer, frame, now);
                     sent.pause |= one.pause;
                     sent.local |= one.local;
                 }
@@ -1383,6 +1400,52 @@ fn switch_frame(
     }
     tracing::trace!(net, port = id, len = frame.len(), dst = %header.destination, "frame");
     sent.local
+}
+
+/// A capture of one network's frames, or of one port's, feeding `umnet capture`.
+#[derive(Debug)]
+pub(crate) struct Capture {
+    /// The network captured.
+    pub(crate) net: NetworkId,
+    /// Only the frames this port sends and receives.
+    pub(crate) port: Option<PortId>,
+    /// Where copies go; when the reader falls behind they are dropped and counted, so a
+    /// capture never slows the switch down.
+    pub(crate) frames: tokio::sync::mpsc::Sender<(SystemTime, Vec<u8>)>,
+    pub(crate) counters: Arc<CaptureCounters>,
+}
+
+/// What a capture took and what it had to drop.
+#[derive(Debug, Default)]
+pub(crate) struct CaptureCounters {
+    pub(crate) captured: std::sync::atomic::AtomicU64,
+    pub(crate) dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Capture {
+    /// Hands a copy of `frame` to the reader. Returns false once the reader is gone.
+    fn take(&self, frame: &[u8]) -> bool {
+        use tokio::sync::mpsc::error::TrySendError;
+        self.counters.captured.fetch_add(1, Ordering::Relaxed);
+        match self.frames.try_send((SystemTime::now(), frame.to_vec())) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// Offers a frame that entered network `net` on port `ingress` to the captures that want it.
+fn offer(captures: &mut Vec<Capture>, net: NetworkId, ingress: PortId, frame: &[u8]) {
+    captures.retain(|c| c.net != net || c.port.is_some_and(|p| p != ingress) || c.take(frame));
+}
+
+/// Offers a frame leaving through port `egress` to the captures of that port.
+fn offer_egress(captures: &mut Vec<Capture>, egress: PortId, frame: &[u8]) {
+    captures.retain(|c| c.port != Some(egress) || c.take(frame));
 }
 
 /// Why a guest request was refused.
@@ -1405,9 +1468,11 @@ struct Transmitted {
 }
 
 /// Sends `frame` from port `ingress` out of port `out`.
+#[allow(clippy::too_many_arguments)]
 fn transmit(
     ports: &mut HashMap<PortId, Port>,
     congested: &mut Vec<PortId>,
+    captures: &mut Vec<Capture>,
     ingress: PortId,
     out: PortId,
     from_peer: bool,
@@ -1419,6 +1484,9 @@ fn transmit(
         return Transmitted::default();
     }
     let local = port.kind != PortKind::Peer;
+    if !captures.is_empty() {
+        offer_egress(captures, out, frame);
+    }
     if port.transmit(frame) == Sent::Delivered || !port.congested() {
         return Transmitted { pause: false, local };
     }
