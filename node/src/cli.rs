@@ -28,6 +28,8 @@ pub(crate) fn run(run_dir: &Path, json: bool, command: Command) -> ExitCode {
         | Command::Ca(_)
         | Command::Cert(_)
         | Command::Guest(_)
+        | Command::Completions { .. }
+        | Command::Man
         | Command::Capture { .. } => {
             unreachable!("not a client command")
         }

@@ -104,6 +104,13 @@ enum Command {
         #[arg(long)]
         net: Option<NetworkId>,
     },
+    /// Print a shell completion script: umnet completions bash > /etc/bash_completion.d/umnet
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): umnet man > /usr/local/share/man/man1/umnet.1
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -252,6 +259,18 @@ fn main() -> ExitCode {
             };
             local(result.map(|_| ()))
         }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "umnet", &mut script);
+            local(print(&script))
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut page = Vec::new();
+            let rendered = clap_mangen::Man::new(command).render(&mut page);
+            local(rendered.context("cannot render the manual page").and_then(|()| print(&page)))
+        }
         Command::Guest(GuestCommand::SetNet { iface, net }) => {
             guest_cli::set_net(&iface, net, cli.json)
         }
@@ -259,6 +278,17 @@ fn main() -> ExitCode {
             let run_dir = cli.run_dir.unwrap_or_else(config::default_run_dir);
             cli::run(&run_dir, cli.json, command)
         }
+    }
+}
+
+/// Writes `bytes` to standard output; a reader that stopped early (`| head`) is no error.
+fn print(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(error).context("cannot write to standard output")
+        }
+        _ => Ok(()),
     }
 }
 

@@ -58,6 +58,7 @@ pub struct NodeOptions {
     state_dir: Option<PathBuf>,
     args: Vec<String>,
     dropped_capabilities: Vec<String>,
+    user: Option<(u32, u32)>,
 }
 
 impl NodeOptions {
@@ -97,6 +98,13 @@ impl NodeOptions {
         self
     }
 
+    /// Runs the node as user `uid` and group `gid`, with no capabilities at all, as a node
+    /// serving only UML and VDE clients may run; its directories are made theirs.
+    pub fn as_user(mut self, uid: u32, gid: u32) -> NodeOptions {
+        self.user = Some((uid, gid));
+        self
+    }
+
     /// Appends an argument to `umnet node ...`.
     pub fn arg(mut self, arg: &str) -> NodeOptions {
         self.args.push(arg.to_owned());
@@ -128,6 +136,15 @@ impl Node {
         for path in [&run_dir, &state_dir] {
             std::fs::create_dir_all(path)
                 .with_context(|| format!("creating {}", path.display()))?;
+            if let Some((uid, gid)) = options.user {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                    .with_context(|| format!("giving {} to uid {uid}", path.display()))?;
+            }
+        }
+        if options.user.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            let open = std::fs::Permissions::from_mode(0o755);
+            std::fs::set_permissions(dir.path(), open).context("opening the node directory")?;
         }
         let config_path = match &options.config {
             Some(text) => {
@@ -154,14 +171,22 @@ impl Node {
 
     fn launch(&mut self) -> Result<()> {
         let netns = self.options.netns.as_deref();
-        let mut command = if self.options.dropped_capabilities.is_empty() {
-            command_in(netns, &self.bin)?
-        } else {
-            let mut command = command_in(netns, require_program("setpriv", "util-linux")?)?;
-            let dropped: Vec<String> =
-                self.options.dropped_capabilities.iter().map(|c| format!("-{c}")).collect();
-            command.arg(format!("--bounding-set={}", dropped.join(","))).arg("--").arg(&self.bin);
-            command
+        let mut command = match (&self.options.user, self.options.dropped_capabilities.is_empty()) {
+            (None, true) => command_in(netns, &self.bin)?,
+            (user, _) => {
+                let mut command = command_in(netns, require_program("setpriv", "util-linux")?)?;
+                if let Some((uid, gid)) = user {
+                    command.arg(format!("--reuid={uid}")).arg(format!("--regid={gid}"));
+                    command.arg("--clear-groups").arg("--inh-caps=-all");
+                }
+                if !self.options.dropped_capabilities.is_empty() {
+                    let dropped: Vec<String> =
+                        self.options.dropped_capabilities.iter().map(|c| format!("-{c}")).collect();
+                    command.arg(format!("--bounding-set={}", dropped.join(",")));
+                }
+                command.arg("--").arg(&self.bin);
+                command
+            }
         };
         command.arg("node").arg("--run-dir").arg(&self.run_dir);
         command.arg("--state-dir").arg(&self.state_dir);

@@ -187,3 +187,56 @@ fn a_config_file_declares_networks_taps_and_limits() -> Result<()> {
     assert!(host.ip(&["-o", "link"])?.contains("umtap8"));
     Ok(())
 }
+
+#[test]
+fn the_cli_describes_itself_version_completions_and_manual() -> Result<()> {
+    let (code, out, _) = umnet(&["--version"])?;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("umnet 0."), "{out}");
+    for (shell, marker) in
+        [("bash", "complete -F"), ("zsh", "#compdef umnet"), ("fish", "complete -c umnet")]
+    {
+        let (code, out, err) = umnet(&["completions", shell])?;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(marker), "{shell}: {out}");
+        assert!(out.contains("capture") && out.contains("set-net"), "{shell} lacks subcommands");
+    }
+    let (code, out, _) = umnet(&["man"])?;
+    assert_eq!(code, 0);
+    assert!(out.contains(".TH umnet 1"), "{out}");
+    assert!(out.contains("capture"), "{out}");
+    let (code, _, err) = umnet(&["completions", "tcsh"])?;
+    assert_eq!(code, 2, "{err}");
+    Ok(())
+}
+
+#[test]
+fn an_unprivileged_node_serves_guests_and_names_the_capabilities_it_lacks() -> Result<()> {
+    let host = Netns::new("host")?;
+    let nobody = 65_534;
+    let node = Node::start(NodeOptions::new().netns(&host).as_user(nobody, nobody))?;
+    let [a, b] = Guest::boot_all([
+        GuestConfig::new("a").daemon(0, &mac(1), &node.ctl(100)).netns(&host),
+        GuestConfig::new("b").bess(0, &mac(2), &node.bess(100)).netns(&host),
+    ])?;
+    a.ip("eth0", "10.0.0.1/24")?;
+    b.ip("vec0", "10.0.0.2/24")?;
+    assert!(a.ping_ok("10.0.0.2")?, "guests of an unprivileged node cannot talk");
+
+    for (args, capability) in [
+        (&["port", "add", "tap", "umtapx", "--net", "100"][..], "CAP_NET_ADMIN"),
+        (&["port", "add", "nic", "lo", "--net", "100"], "loopback"),
+        (&["port", "add", "nic", "umnoif0", "--net", "100"], "no network interface"),
+    ] {
+        let output = node.cli(args)?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(4), "{args:?}: {stderr}");
+        assert!(stderr.contains(capability), "{args:?}: {stderr}");
+    }
+    host.ip(&["link", "add", "umdummy0", "type", "veth", "peer", "name", "umdummy1"])?;
+    let output = node.cli(&["port", "add", "nic", "umdummy0", "--net", "100"])?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("CAP_NET_RAW"), "{stderr}");
+    Ok(())
+}

@@ -1331,8 +1331,11 @@ fn switch_frame(
     };
     port.counters.rx_frames += 1;
     port.counters.rx_bytes += frame.len() as u64;
-    if header.ethertype == beacon::ETHERTYPE {
-        // Beacons and guest requests are for the node, never switched.
+    if header.ethertype == beacon::ETHERTYPE
+        && (guest::is_guest_frame(frame) || Beacon::parse(frame).is_ok())
+    {
+        // Guest requests are for the node, and beacons for NIC ports' wires only: neither is
+        // switched. Other uses of the experimental EtherType pass like any frame.
         control.push((id, frame.to_vec()));
         return false;
     }
