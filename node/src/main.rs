@@ -175,7 +175,7 @@ pub(crate) enum PortCommand {
 #[derive(Debug, Subcommand)]
 pub(crate) enum GuestCommand {
     /// Move this interface's port to another network, as um_eth_net_set did. The node must
-    /// let guests choose that network ([guests] in its config).
+    /// let guests choose that network (`[guests]` in its config).
     SetNet {
         /// The guest's interface on the node, as eth0.
         iface: String,
