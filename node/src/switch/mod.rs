@@ -22,7 +22,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Token};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest as Readiness;
 use tokio::sync::oneshot;
@@ -42,8 +42,6 @@ use crate::sys::{self, RecvBatch};
 
 /// A port's id, unique for the life of the node.
 pub(crate) type PortId = u32;
-
-const WAKER: Token = Token(usize::MAX);
 
 /// Listener tokens sit above every port id.
 const LISTENER_BASE: usize = 1 << 40;
@@ -182,7 +180,9 @@ pub(crate) enum Command {
 #[derive(Debug, Clone)]
 pub(crate) struct Handle {
     commands: mpsc::Sender<Command>,
-    waker: Arc<Waker>,
+    /// Wakes the switch task directly: on the node's one thread a command (a frame from a
+    /// peer) reaches the switch within the same turn of the runtime, with no system call.
+    notify: Arc<tokio::sync::Notify>,
     /// Set while a wake-up is pending, so a burst of commands (frames from a peer) costs one.
     woken: Arc<AtomicBool>,
     ids: Arc<AtomicU32>,
@@ -193,7 +193,7 @@ impl Handle {
     pub(crate) fn send(&self, command: Command) {
         // Both fail only once the switch has stopped, when there is nobody left to tell.
         if self.commands.send(command).is_ok() && !self.woken.swap(true, Ordering::AcqRel) {
-            let _ = self.waker.wake();
+            self.notify.notify_one();
         }
     }
 
@@ -249,16 +249,18 @@ pub(crate) fn new(
     rejects: Arc<RejectCounters>,
 ) -> io::Result<(Handle, Switch)> {
     let poll = Poll::new()?;
-    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let notify = Arc::new(tokio::sync::Notify::new());
     let (commands, receiver) = mpsc::channel();
     let woken = Arc::new(AtomicBool::new(false));
     let ids = Arc::new(AtomicU32::new(1));
-    let handle = Handle { commands, waker, woken: woken.clone(), ids: ids.clone() };
+    let handle =
+        Handle { commands, notify: notify.clone(), woken: woken.clone(), ids: ids.clone() };
     let batch = RecvBatch::new(BATCH, config.max_frame + 1);
     let switch = Switch {
         poll,
         commands: receiver,
         woken,
+        notify,
         ids,
         peer_ports: HashMap::new(),
         peer_stats: HashMap::new(),
@@ -297,6 +299,7 @@ pub(crate) struct Switch {
     poll: Poll,
     commands: mpsc::Receiver<Command>,
     woken: Arc<AtomicBool>,
+    notify: Arc<tokio::sync::Notify>,
     ids: Arc<AtomicU32>,
     /// The port of each peer and network.
     peer_ports: HashMap<(PeerId, NetworkId), PortId>,
@@ -375,8 +378,12 @@ impl Switch {
                             return;
                         }
                     },
+                    () = self.notify.notified() => {}
                     () = tokio::time::sleep_until(deadline.into()) => {}
                 }
+            }
+            if self.woken.load(Ordering::Acquire) && !self.run_commands() {
+                return;
             }
 
             // Step 2: take what is ready, without blocking.
@@ -388,11 +395,6 @@ impl Switch {
             }
             for event in events.iter() {
                 match event.token() {
-                    WAKER => {
-                        if !self.run_commands() {
-                            return;
-                        }
-                    }
                     Token(token) if token >= LISTENER_BASE => {
                         self.accept_bess((token - LISTENER_BASE) as NetworkId)
                     }
