@@ -219,7 +219,10 @@ impl Config {
         self.socket_mode()?;
         if let Some(listen) = &self.metrics_listen {
             if listen.parse::<std::net::SocketAddr>().is_err() {
-                bail!("metrics_listen must be an address and port such as \"127.0.0.1:9110\", not {listen:?}");
+                bail!(
+                    "metrics_listen must be an address and port such as \"127.0.0.1:9110\", \
+                     not {listen:?}"
+                );
             }
         }
         if self.federation.listen.parse::<std::net::SocketAddr>().is_err() {

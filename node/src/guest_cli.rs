@@ -26,36 +26,27 @@ const ATTEMPTS: u32 = 3;
 
 /// Asks the node behind `iface` to move this interface's port to network `net`.
 pub(crate) fn set_net(iface: &str, net: NetworkId, json: bool) -> ExitCode {
-    match ask(iface, net) {
-        Ok(reply) => {
-            if json {
-                let status = format!("{:?}", reply.status).to_lowercase();
-                println!(
-                    "{}",
-                    serde_json::json!({ "status": status, "net": reply.net, "message": reply.message })
-                );
-            }
-            match reply.status {
-                Status::Moved => {
-                    if !json {
-                        println!("{iface}: on network {} now", reply.net);
-                    }
-                    ExitCode::SUCCESS
-                }
-                _ => {
-                    eprintln!(
-                        "umnet: the node refused: {} (still on network {})",
-                        reply.message, reply.net
-                    );
-                    ExitCode::from(EXIT_REFUSED)
-                }
-            }
-        }
+    let reply = match ask(iface, net) {
+        Ok(reply) => reply,
         Err(error) => {
             eprintln!("umnet: {error:#}");
-            ExitCode::from(EXIT_FAILURE)
+            return ExitCode::from(EXIT_FAILURE);
         }
+    };
+    let moved = reply.status == Status::Moved;
+    if json {
+        let status = format!("{:?}", reply.status).to_lowercase();
+        let net = reply.net;
+        let message = &reply.message;
+        println!("{}", serde_json::json!({ "status": status, "net": net, "message": message }));
+    } else if moved {
+        println!("{iface}: on network {} now", reply.net);
     }
+    if moved {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("umnet: the node refused: {} (still on network {})", reply.message, reply.net);
+    ExitCode::from(EXIT_REFUSED)
 }
 
 fn ask(iface: &str, net: NetworkId) -> anyhow::Result<Reply> {

@@ -6,8 +6,8 @@
 //!
 //! | kind | body |
 //! |---|---|
-//! | [`RECORD_FRAME`] | seconds (8) and nanoseconds (4) since the Unix epoch, length (4), the frame |
-//! | [`RECORD_STATS`] | frames the node captured in all (8), of those dropped because the CLI read too slowly (8) |
+//! | [`RECORD_FRAME`] | seconds (8), nanoseconds (4) since the epoch; length (4); the frame |
+//! | [`RECORD_STATS`] | frames captured in all (8); of those, dropped for a slow reader (8) |
 //!
 //! A frame record longer than [`MAX_FRAME`] is malformed.
 //!

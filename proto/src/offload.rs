@@ -18,7 +18,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 1 | flags: [`NEEDS_CSUM`] |
-//! | 1 | 1 | gso_type: [`GSO_NONE`], [`GSO_TCPV4`], [`GSO_UDP`], [`GSO_TCPV6`], [`GSO_UDP_L4`]; bit 7 ECN |
+//! | 1 | 1 | gso_type: [`GSO_NONE`], [`GSO_TCPV4`], [`GSO_UDP`], [`GSO_TCPV6`], [`GSO_UDP_L4`] |
 //! | 2 | 2 | hdr_len: bytes of headers |
 //! | 4 | 2 | gso_size: payload bytes per segment |
 //! | 6 | 2 | csum_start: where checksumming starts |

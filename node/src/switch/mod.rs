@@ -1,8 +1,9 @@
 //! The switch: every frame a node switches passes through here.
 //!
 //! One task owns every port descriptor and every network's bridge, and waits on them with an
-//! epoll instance of its own (through mio), which the node's runtime waits on in turn. Frames are read in batches, learned, and sent to their port or flooded
-//! to their network, all without locks or allocation on the common path. The rest of the node
+//! epoll instance of its own (through mio), which the node's runtime waits on in turn. Frames
+//! are read in batches, learned, and sent to their port or flooded to their network, all
+//! without locks or allocation on the common path. The rest of the node
 //! (async tasks: control handshakes, admin requests, peers) talks to it with [`Command`]s
 //! through a [`Handle`] and gets answers on oneshot channels.
 //!
