@@ -641,7 +641,7 @@ impl Switch {
         }
 
         // Step 3: undo the offloads, then switch what the wire carried.
-        let port = self.ports.get_mut(&id).expect("looked up above");
+        let Some(port) = self.ports.get_mut(&id) else { return false };
         if received.truncated {
             port.counters.drops.oversize += 1;
             warn_malformed(&mut self.malformed_warnings, port, "oversize", frame.len(), now);
