@@ -262,8 +262,10 @@ impl<T: Copy + PartialOrd> Reassembly<T> {
         }
 
         let done = self.pending.remove(position);
-        let frame = done.pieces.into_iter().flatten().flatten().collect();
-        Reassembled::Frame { net: done.net, frame }
+        // Whole pieces at a time: a byte-by-byte flatten here cost a sixth of a node's CPU
+        // while a TCP stream of full-size frames crossed a 1500-byte underlay.
+        let pieces: Vec<Vec<u8>> = done.pieces.into_iter().flatten().collect();
+        Reassembled::Frame { net: done.net, frame: pieces.concat() }
     }
 
     /// Abandons incomplete frames started before `deadline`. Returns how many.
