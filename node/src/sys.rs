@@ -411,35 +411,12 @@ fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T)
 pub(crate) fn open_packet_socket(name: &str) -> io::Result<OwnedFd> {
     let index = interface_index(name)?;
     let protocol = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: socket(2) has no memory arguments; a non-negative result is a fresh descriptor
-    // that we own.
-    let fd = check(unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            libc::c_int::from(protocol),
-        )
-    })?;
-    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = packet_socket(protocol, libc::SOCK_NONBLOCK)?;
     // Options first: frames that arrive between bind and the options would lack them.
     let on: libc::c_int = 1;
     set_option(&fd, libc::SOL_PACKET, PACKET_AUXDATA, &on)?;
     set_option(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, &on)?;
-
-    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
-    let mut address: libc::sockaddr_ll = unsafe { mem::zeroed() };
-    address.sll_family = libc::AF_PACKET as u16;
-    address.sll_protocol = protocol;
-    address.sll_ifindex = index as libc::c_int;
-    // SAFETY: address is a valid sockaddr_ll and the length passed is its size.
-    check(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &address as *const libc::sockaddr_ll as *const libc::sockaddr,
-            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    })?;
+    bind_to_interface(&fd, index, protocol)?;
 
     // SAFETY: packet_mreq is plain old data; all-zero is valid.
     let mut membership: libc::packet_mreq = unsafe { mem::zeroed() };
@@ -459,17 +436,34 @@ pub(crate) fn open_ethertype_socket(
 ) -> io::Result<OwnedFd> {
     let index = interface_index(name)?;
     let protocol = ethertype.to_be();
+    let fd = packet_socket(protocol, 0)?;
+    bind_to_interface(&fd, index, protocol)?;
+    let timeout = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
+    };
+    set_option(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout)?;
+    Ok(fd)
+}
+
+/// A close-on-exec `AF_PACKET` raw socket for `protocol` (network byte order), with `flags`
+/// (`SOCK_NONBLOCK` or 0) added to its type.
+fn packet_socket(protocol: u16, flags: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: socket(2) has no memory arguments; a non-negative result is a fresh descriptor
     // that we own.
     let fd = check(unsafe {
         libc::socket(
             libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | flags,
             libc::c_int::from(protocol),
         )
     })?;
     // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Binds packet socket `fd` to the interface with `index`, for `protocol`.
+fn bind_to_interface(fd: &OwnedFd, index: u32, protocol: u16) -> io::Result<()> {
     // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
     let mut address: libc::sockaddr_ll = unsafe { mem::zeroed() };
     address.sll_family = libc::AF_PACKET as u16;
@@ -483,12 +477,7 @@ pub(crate) fn open_ethertype_socket(
             mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
         )
     })?;
-    let timeout = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
-    };
-    set_option(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout)?;
-    Ok(fd)
+    Ok(())
 }
 
 /// Sends the concatenation of `parts` as one frame on a connected or bound socket, without

@@ -529,28 +529,23 @@ impl Switch {
 
     /// One `recvmmsg` batch from a socket port. `Ok(false)` when the socket is drained.
     fn receive_batch(&mut self, id: PortId, fd: RawFd) -> io::Result<bool> {
-        let count = self.batch.receive(fd)?;
+        // The batch is lent out while its frames are switched, which needs the whole switch.
+        let mut batch = std::mem::replace(&mut self.batch, RecvBatch::new(0, 0));
+        let outcome = self.switch_batch(id, fd, &mut batch);
+        self.batch = batch;
+        outcome
+    }
+
+    fn switch_batch(&mut self, id: PortId, fd: RawFd, batch: &mut RecvBatch) -> io::Result<bool> {
+        let count = batch.receive(fd)?;
         let now = Instant::now();
         for index in 0..count {
-            let (frame, received) = self.batch.get(index);
+            let (frame, received) = batch.get(index);
             if frame.is_empty() && self.ports.get(&id).map(|p| p.kind) == Some(PortKind::Bess) {
                 // A BESS client never sends an empty packet: this is end of stream.
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
             }
-            let oversize = received.truncated;
-            let ingress = Ingress { id, frame, oversize, now };
-            if switch_frame(
-                &mut self.ports,
-                &mut self.networks,
-                &mut self.malformed_warnings,
-                &mut self.congested,
-                &mut self.control_frames,
-                &mut self.captures,
-                &self.config,
-                ingress,
-            ) {
-                self.last_local_delivery = now;
-            }
+            self.switch_one(Ingress { id, frame, oversize: received.truncated, now });
         }
         Ok(count == BATCH)
     }
@@ -558,27 +553,25 @@ impl Switch {
     /// Up to one batch of frames from a device port, one read each.
     fn receive_device(&mut self, id: PortId, fd: RawFd) -> io::Result<bool> {
         let now = Instant::now();
+        let mut buffer = std::mem::take(&mut self.device_buffer);
+        let mut outcome = Ok(true);
         for _ in 0..BATCH {
-            let len = match sys::read(fd, &mut self.device_buffer) {
-                Ok(len) => len,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(error) => return Err(error),
-            };
-            let frame = &self.device_buffer[..len];
-            if switch_frame(
-                &mut self.ports,
-                &mut self.networks,
-                &mut self.malformed_warnings,
-                &mut self.congested,
-                &mut self.control_frames,
-                &mut self.captures,
-                &self.config,
-                Ingress { id, frame, oversize: false, now },
-            ) {
-                self.last_local_delivery = now;
+            match sys::read(fd, &mut buffer) {
+                Ok(len) => {
+                    self.switch_one(Ingress { id, frame: &buffer[..len], oversize: false, now });
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    outcome = Ok(false);
+                    break;
+                }
+                Err(error) => {
+                    outcome = Err(error);
+                    break;
+                }
             }
         }
-        Ok(true)
+        self.device_buffer = buffer;
+        outcome
     }
 
     /// Up to one batch of frames from a NIC port. `Ok(false)` when the socket is drained.
@@ -589,9 +582,7 @@ impl Switch {
         let now = Instant::now();
         for index in 0..*count.as_ref().unwrap_or(&0) {
             let (data, received) = batch.get_mut(index);
-            if self.nic_frame(id, data, received, now) {
-                self.last_local_delivery = now;
-            }
+            self.nic_frame(id, data, received, now);
         }
         self.nic_batch = Some(batch);
         if let Some(Link::Nic(nic)) = self.ports.get_mut(&id).map(Port::link_mut) {
@@ -667,7 +658,8 @@ impl Switch {
         if header.is_gso() {
             let mut segmented = std::mem::take(&mut self.segmented);
             let result = offload::segment(frame, &header, &mut segmented, |segment| {
-                local |= self.switch_one(id, segment, now);
+                let ingress = Ingress { id, frame: segment, oversize: false, now };
+                local |= self.switch_one(ingress);
             });
             self.segmented = segmented;
             if let Err(error) = result {
@@ -677,7 +669,7 @@ impl Switch {
                 }
             }
         } else {
-            local = self.switch_one(id, frame, now);
+            local = self.switch_one(Ingress { id, frame, oversize: false, now });
         }
         self.restored = restored;
         local
@@ -742,9 +734,11 @@ impl Switch {
         }
     }
 
-    /// Switches one frame that came in on port `id`.
-    fn switch_one(&mut self, id: PortId, frame: &[u8], now: Instant) -> bool {
-        switch_frame(
+    /// Switches one frame, and notes when it went to a local port (which busy polling
+    /// follows). Returns whether it did.
+    fn switch_one(&mut self, ingress: Ingress<'_>) -> bool {
+        let now = ingress.now;
+        let local = switch_frame(
             &mut self.ports,
             &mut self.networks,
             &mut self.malformed_warnings,
@@ -752,8 +746,12 @@ impl Switch {
             &mut self.control_frames,
             &mut self.captures,
             &self.config,
-            Ingress { id, frame, oversize: false, now },
-        )
+            ingress,
+        );
+        if local {
+            self.last_local_delivery = now;
+        }
+        local
     }
 
     /// Whether a frame the host sent out of NIC port `id` is for a station of the network
@@ -1079,19 +1077,7 @@ impl Switch {
             stats.rx_frames.fetch_add(1, Ordering::Relaxed);
             stats.rx_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
         }
-        let now = Instant::now();
-        if switch_frame(
-            &mut self.ports,
-            &mut self.networks,
-            &mut self.malformed_warnings,
-            &mut self.congested,
-            &mut self.control_frames,
-            &mut self.captures,
-            &self.config,
-            Ingress { id, frame, oversize: false, now },
-        ) {
-            self.last_local_delivery = now;
-        }
+        self.switch_one(Ingress { id, frame, oversize: false, now: Instant::now() });
     }
 
     fn add_network(&mut self, net: NetworkId, bess: OwnedFd) {
