@@ -111,11 +111,12 @@ guest_init() {
 bb=/bin/busybox
 $bb mount -t proc proc /proc
 $bb mount -t sysfs sysfs /sys
-$bb mount -t tmpfs tmpfs /tmp
+# Writable space on /run; the host's /tmp stays visible, read-only (a umnet built there runs).
+$bb mount -t tmpfs tmpfs /run
 $bb mount -t devtmpfs devtmpfs /dev
-$bb mkdir -p /tmp/bin
-$bb --install -s /tmp/bin
-export PATH=/tmp/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp PS1="$UMNET_LAB_NAME# "
+$bb mkdir -p /run/bin
+$bb --install -s /run/bin
+export PATH=/run/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/run PS1="$UMNET_LAB_NAME# "
 hostname "$UMNET_LAB_NAME"
 ip link set lo up
 ip link set eth0 up

@@ -834,8 +834,8 @@ impl Switch {
     }
 
     /// Sends NIC port `id`'s beacon; `leaving` when the port goes.
-    fn send_beacon(&mut self, id: PortId, leaving: bool) {
-        let Some(port) = self.ports.get_mut(&id) else { return };
+    fn send_beacon(&self, id: PortId, leaving: bool) {
+        let Some(port) = self.ports.get(&id) else { return };
         let Link::Nic(nic) = port.link() else { return };
         let Some(frame) = nic.segment.beacon(leaving).emit(nic.mac) else { return };
         if let Err(error) = nic.send(&frame) {
