@@ -501,12 +501,13 @@ fn sighup_adds_a_peer_and_a_network_and_revokes_a_peer_while_a_ping_runs() -> Re
         }
         text
     };
+    let a_identity = ca.issue("a", 30)?;
     let mut a = Node::start(
         NodeOptions::new()
             .netns(&underlay.hosts[0])
             .config(&config("", &[1]))
             .arg("--identity")
-            .arg(&ca.issue("a", 30)?)
+            .arg(&a_identity)
             .arg("--listen")
             .arg(&format!("0.0.0.0:{PEER_PORT}")),
     )?;
@@ -530,6 +531,14 @@ fn sighup_adds_a_peer_and_a_network_and_revokes_a_peer_while_a_ping_runs() -> Re
     let ping = ping.stdout(std::process::Stdio::piped()).spawn().context("starting ping")?;
     std::thread::sleep(Duration::from_millis(1000));
     let b_before = uptime(&a, "b")?;
+    // The reload also brings a renewed certificate (a's bundle replaced in place), which the
+    // new connection to d then uses.
+    let renewed_dir = ca.dir.join("renewed");
+    std::fs::create_dir_all(&renewed_dir)?;
+    let out = renewed_dir.join("a.pem").display().to_string();
+    let ca_dir = ca.dir.join("ca").display().to_string();
+    umnet(&["ca", "issue", "a", "--dir", &ca_dir, "--out", &out, "--days", "90"])?;
+    std::fs::copy(&out, &a_identity)?;
     a.reconfigure(&config(
         "[federation]\nrevoked_names = [\"c\"]\n\n[[network]]\nid = 102\n\n",
         &[1, 3],
@@ -548,5 +557,6 @@ fn sighup_adds_a_peer_and_a_network_and_revokes_a_peer_while_a_ping_runs() -> Re
     assert!(text.contains("40 packets transmitted, 40 packets received"), "{text}");
     assert!(uptime(&a, "b")? >= b_before, "the connection to b was replaced");
     assert!(a.log().contains("SIGHUP: config reloaded"), "{}", a.log());
+    assert!(a.log().contains("new certificate in use"), "{}", a.log());
     Ok(())
 }
