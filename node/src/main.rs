@@ -1,11 +1,14 @@
 //! `umnet`: the node daemon and its command-line client, in one binary.
 //!
-//! `umnet node` runs a node on one thread: the switch ([`switch`]) moving frames between ports,
-//! control tasks accepting UML and VDE clients ([`control`]), peer connections over QUIC
-//! ([`peers`], started by [`federation`]), and the admin socket ([`admin`]). Every other
-//! subcommand is a client of a running node's admin socket ([`cli`]) or works on local
-//! certificate files ([`identity_cli`]). Wire formats live
-//! in the `umnet-proto` crate; the system calls std does not offer are in [`sys`].
+//! `umnet node` runs a node on one thread: the switch ([`switch`]) moving frames between ports
+//! (UML and VDE clients, taps, NICs, peers), control tasks accepting UML and VDE clients
+//! ([`control`]), peer connections over QUIC ([`peers`], started by [`federation`]), the admin
+//! socket ([`admin`], which also streams captures, [`capture`]) and the optional Prometheus
+//! endpoint ([`metrics`]); [`node`] owns networks, ports and peers and reloads the config.
+//! Every other subcommand is a client of a running node's admin socket ([`cli`]), works on
+//! local certificate files ([`identity_cli`]), or talks to a node in-band from inside a guest
+//! ([`guest_cli`]). Wire formats live in the `umnet-proto` crate; the system calls std does
+//! not offer are in [`sys`].
 //!
 //! Exit codes: 0 success, 1 failure, 2 bad command line, 3 no node running, 4 the node refused
 //! the request.
