@@ -185,13 +185,20 @@ fn metrics_move_with_traffic() -> Result<()> {
     assert!(after.contains("umnet_port_dropped_frames_total{"), "{after}");
     assert!(after.contains("umnet_refused_total{reason=\"bad-magic\"} 0"), "{after}");
 
-    // Anything but GET /metrics is refused.
-    let address = "127.0.0.1:9110".to_string();
-    let mut stream =
-        underlay.hosts[0].within(move || Ok(std::net::TcpStream::connect(address)?))?;
-    stream.write_all(b"GET /other HTTP/1.1\r\n\r\n")?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    // Anything but GET /metrics is refused, garbage included, and scrapes go on.
+    for (request, status) in [
+        (&b"GET /other HTTP/1.1\r\n\r\n"[..], "HTTP/1.1 404"),
+        (b"\x00\x01\xffgarbage\r\n\r\n", "HTTP/1.1 405"),
+        (b"POST /metrics HTTP/1.1\r\n\r\n", "HTTP/1.1 405"),
+    ] {
+        let address = "127.0.0.1:9110".to_string();
+        let mut stream =
+            underlay.hosts[0].within(move || Ok(std::net::TcpStream::connect(address)?))?;
+        stream.write_all(request)?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        assert!(answer.starts_with(status), "{request:?}: {answer}");
+    }
+    assert!(scrape(&underlay.hosts[0], "127.0.0.1:9110")?.contains("umnet_peer_connected"));
     Ok(())
 }
