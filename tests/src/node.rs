@@ -59,6 +59,8 @@ pub struct NodeOptions {
     args: Vec<String>,
     dropped_capabilities: Vec<String>,
     user: Option<(u32, u32)>,
+    ambient_capabilities: Vec<String>,
+    open_tun: bool,
 }
 
 impl NodeOptions {
@@ -102,6 +104,20 @@ impl NodeOptions {
     /// serving only UML and VDE clients may run; its directories are made theirs.
     pub fn as_user(mut self, uid: u32, gid: u32) -> NodeOptions {
         self.user = Some((uid, gid));
+        self
+    }
+
+    /// With [`as_user`](Self::as_user): keeps `capabilities` (as `net_admin`) across the change
+    /// of user, as systemd's `AmbientCapabilities=` does.
+    pub fn with_capabilities(mut self, capabilities: &[&str]) -> NodeOptions {
+        self.ambient_capabilities = capabilities.iter().map(|c| c.to_string()).collect();
+        self
+    }
+
+    /// Gives the node a `/dev/net/tun` anyone may open, in a mount namespace of its own, as
+    /// udev sets it up on a Debian host (some test machines leave it root's alone).
+    pub fn open_tun(mut self) -> NodeOptions {
+        self.open_tun = true;
         self
     }
 
@@ -171,23 +187,54 @@ impl Node {
 
     fn launch(&mut self) -> Result<()> {
         let netns = self.options.netns.as_deref();
-        let mut command = match (&self.options.user, self.options.dropped_capabilities.is_empty()) {
-            (None, true) => command_in(netns, &self.bin)?,
-            (user, _) => {
-                let mut command = command_in(netns, require_program("setpriv", "util-linux")?)?;
-                if let Some((uid, gid)) = user {
-                    command.arg(format!("--reuid={uid}")).arg(format!("--regid={gid}"));
-                    command.arg("--clear-groups").arg("--inh-caps=-all");
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        let dropped = &self.options.dropped_capabilities;
+        if self.options.user.is_some() || !dropped.is_empty() {
+            argv.push(require_program("setpriv", "util-linux")?.into());
+            if let Some((uid, gid)) = self.options.user {
+                argv.push(format!("--reuid={uid}").into());
+                argv.push(format!("--regid={gid}").into());
+                argv.push("--clear-groups".into());
+                let kept = &self.options.ambient_capabilities;
+                if kept.is_empty() {
+                    argv.push("--inh-caps=-all".into());
+                } else {
+                    let list: Vec<String> = kept.iter().map(|c| format!("+{c}")).collect();
+                    argv.push(format!("--inh-caps={}", list.join(",")).into());
+                    argv.push(format!("--ambient-caps={}", list.join(",")).into());
                 }
-                if !self.options.dropped_capabilities.is_empty() {
-                    let dropped: Vec<String> =
-                        self.options.dropped_capabilities.iter().map(|c| format!("-{c}")).collect();
-                    command.arg(format!("--bounding-set={}", dropped.join(",")));
-                }
-                command.arg("--").arg(&self.bin);
-                command
             }
-        };
+            if !dropped.is_empty() {
+                let list: Vec<String> = dropped.iter().map(|c| format!("-{c}")).collect();
+                argv.push(format!("--bounding-set={}", list.join(",")).into());
+            }
+            argv.push("--".into());
+        }
+        argv.push(self.bin.clone().into());
+        if self.options.open_tun {
+            // A private mount namespace where /dev/net/tun is a node of mode 0666, as udev
+            // makes it on a Debian host, for a node that does not run as root.
+            let tun = self.dir.join("tun");
+            if !tun.exists() {
+                let mut mknod = Command::new("mknod");
+                mknod.args(["-m", "0666"]).arg(&tun).args(["c", "10", "200"]);
+                process::run_ok(&mut mknod, COMMAND_TIMEOUT)?;
+            }
+            let mut wrapped: Vec<std::ffi::OsString> = vec![
+                require_program("unshare", "util-linux")?.into(),
+                "--mount".into(),
+                "--propagation".into(),
+                "private".into(),
+                "sh".into(),
+                "-c".into(),
+                "mount --bind \"$0\" /dev/net/tun && exec \"$@\"".into(),
+                tun.into(),
+            ];
+            wrapped.append(&mut argv);
+            argv = wrapped;
+        }
+        let mut command = command_in(netns, &argv[0])?;
+        command.args(&argv[1..]);
         command.arg("node").arg("--run-dir").arg(&self.run_dir);
         command.arg("--state-dir").arg(&self.state_dir);
         if let Some(config) = &self.config_path {

@@ -240,3 +240,48 @@ fn an_unprivileged_node_serves_guests_and_names_the_capabilities_it_lacks() -> R
     assert!(stderr.contains("CAP_NET_RAW"), "{stderr}");
     Ok(())
 }
+
+#[test]
+fn the_service_unit_runs_a_node_that_can_do_its_job() -> Result<()> {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/umnet.service"),
+    )?;
+    let value = |key: &str| -> Result<String> {
+        unit.lines()
+            .find_map(|line| line.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .with_context(|| format!("deploy/umnet.service has no {key}="))
+    };
+
+    // Every flag ExecStart passes is one `umnet node` takes.
+    let (_, help, _) = umnet(&["node", "--help"])?;
+    let exec = value("ExecStart")?;
+    for flag in exec.split_whitespace().filter(|word| word.starts_with("--")) {
+        assert!(help.contains(flag), "ExecStart passes {flag}, which umnet node does not take");
+    }
+    assert_eq!(value("User")?, "umnet");
+    assert_eq!(value("CapabilityBoundingSet")?, value("AmbientCapabilities")?);
+
+    // A node with no more than the unit's capabilities, as an unprivileged user, makes a tap
+    // and bridges a NIC.
+    let capabilities: Vec<String> = value("AmbientCapabilities")?
+        .split_whitespace()
+        .map(|cap| cap.trim_start_matches("CAP_").to_lowercase())
+        .collect();
+    let capabilities: Vec<&str> = capabilities.iter().map(String::as_str).collect();
+    let host = Netns::new("service")?;
+    host.ip(&["link", "add", "umsvc0", "type", "veth", "peer", "name", "umsvc1"])?;
+    let nobody = 65_534;
+    let node = Node::start(
+        NodeOptions::new()
+            .netns(&host)
+            .as_user(nobody, nobody)
+            .with_capabilities(&capabilities)
+            .open_tun(),
+    )?;
+    node.cli_ok(&["port", "add", "tap", "umsvctap", "--net", "100"])?;
+    node.cli_ok(&["port", "add", "nic", "umsvc0", "--net", "100"])?;
+    let ports = node.cli_json(&["port", "list"])?;
+    assert_eq!(ports.as_array().map(Vec::len), Some(2), "{ports}");
+    Ok(())
+}
