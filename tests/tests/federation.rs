@@ -560,3 +560,40 @@ fn sighup_adds_a_peer_and_a_network_and_revokes_a_peer_while_a_ping_runs() -> Re
     assert!(a.log().contains("new certificate in use"), "{}", a.log());
     Ok(())
 }
+
+#[test]
+fn listed_inbound_refuses_other_nodes_and_crossed_dials_keep_one_connection() -> Result<()> {
+    let ca = Ca::new("inbound")?;
+    let underlay = Underlay::new(&["a", "b", "c"], 1500)?;
+    let listed = format!("[federation]\ninbound = \"listed\"\n\n{NETWORKS}");
+    // a accepts only b; c, of the same cluster, dials a and is turned away.
+    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[(1, "b")], &listed)?;
+    let b = underlay.start_node(1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
+    let c = underlay.start_node(2, &ca.issue("c", 30)?, &[(0, "a")], NETWORKS)?;
+    wait_connected(&a, &["b"])?;
+    wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
+        Ok(a.log().contains("not a listed peer").then_some(()))
+    })
+    .with_context(|| format!("a did not refuse c:\n{}", a.log()))?;
+    let peers = a.cli_json(&["peer", "list"])?;
+    assert!(peer(&peers, "c").is_none_or(|c| c["state"] != "connected"), "{peers}");
+    let c_peers = c.cli_json(&["peer", "list"])?;
+    assert_ne!(peer(&c_peers, "a").map(|p| &p["state"]), Some(&"connected".into()));
+
+    // a and b dialed each other at once: one connection survives, and stays.
+    let uptime = |node: &Node, name: &str| -> Result<u64> {
+        let peers = node.cli_json(&["peer", "list"])?;
+        Ok(counter(peer(&peers, name).context("peer gone")?, &["uptime_secs"]))
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let (a_before, b_before) = (uptime(&a, "b")?, uptime(&b, "a")?);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(uptime(&a, "b")? >= a_before + 1, "a's connection to b was replaced");
+    assert!(uptime(&b, "a")? >= b_before + 1, "b's connection to a was replaced");
+    a.cli_ok(&["port", "add", "tap", "ina", "--net", "100"])?;
+    b.cli_ok(&["port", "add", "tap", "inb", "--net", "100"])?;
+    underlay.hosts[0].addr("ina", "10.0.0.1/24")?;
+    underlay.hosts[1].addr("inb", "10.0.0.2/24")?;
+    assert!(underlay.hosts[0].ping_ok("10.0.0.2")?, "a and b do not carry frames");
+    Ok(())
+}
