@@ -588,8 +588,8 @@ fn listed_inbound_refuses_other_nodes_and_crossed_dials_keep_one_connection() ->
     std::thread::sleep(Duration::from_secs(3));
     let (a_before, b_before) = (uptime(&a, "b")?, uptime(&b, "a")?);
     std::thread::sleep(Duration::from_secs(2));
-    assert!(uptime(&a, "b")? >= a_before + 1, "a's connection to b was replaced");
-    assert!(uptime(&b, "a")? >= b_before + 1, "b's connection to a was replaced");
+    assert!(uptime(&a, "b")? > a_before, "a's connection to b was replaced");
+    assert!(uptime(&b, "a")? > b_before, "b's connection to a was replaced");
     a.cli_ok(&["port", "add", "tap", "ina", "--net", "100"])?;
     b.cli_ok(&["port", "add", "tap", "inb", "--net", "100"])?;
     underlay.hosts[0].addr("ina", "10.0.0.1/24")?;
