@@ -745,21 +745,21 @@ impl Node {
         if name == "lo" {
             return Err(refused(ErrorKind::Invalid, "the loopback interface carries no Ethernet"));
         }
-        sys::interface_index(name).map_err(|error| nic_error(name, &error)).or_else(|error| {
-            if restoring && error.kind == ErrorKind::NotFound {
-                Ok(0)
-            } else {
-                Err(error)
-            }
-        })?;
-        let now = Instant::now();
-        let link = if sys::interface_exists(name) {
-            let socket = sys::open_packet_socket(name).map_err(|error| nic_error(name, &error))?;
-            NicLink::new(&self.node_name, name, Some(socket), net, now)
-        } else {
-            tracing::warn!(nic = name, net, "interface not found; the NIC port waits for it");
-            NicLink::new(&self.node_name, name, None, net, now)
+        let socket = match sys::open_packet_socket(name) {
+            Ok(socket) => Some(socket),
+            Err(error) => match nic_error(name, &error) {
+                missing if restoring && missing.kind == ErrorKind::NotFound => {
+                    tracing::warn!(
+                        nic = name,
+                        net,
+                        "interface not found; the NIC port waits for it"
+                    );
+                    None
+                }
+                refusal => return Err(refusal),
+            },
         };
+        let link = NicLink::new(&self.node_name, name, socket, net, Instant::now());
 
         let id = self.switch.next_port_id();
         let client = name.to_string();

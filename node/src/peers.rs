@@ -218,7 +218,7 @@ impl Federation {
     }
 
     fn peers(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
-        self.peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.peers)
     }
 
     /// Accepts inbound connections until the task is aborted.
@@ -645,7 +645,7 @@ impl Federation {
         }
     }
 
-    /// Names of the peers this node dials.
+    /// The peers this node dials, by name, with the address it dials.
     pub(crate) fn configured(&self) -> BTreeMap<String, String> {
         self.peers()
             .iter()

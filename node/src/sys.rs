@@ -480,21 +480,18 @@ fn bind_to_interface(fd: &OwnedFd, index: u32, protocol: u16) -> io::Result<()> 
     Ok(())
 }
 
-/// Sends the concatenation of `parts` as one frame on a connected or bound socket, without
-/// blocking.
-pub(crate) fn send_parts(fd: RawFd, parts: &[&[u8]]) -> io::Result<usize> {
-    let mut iovecs: [libc::iovec; 2] =
-        [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
-    let count = parts.len().min(iovecs.len());
-    for (iovec, part) in iovecs.iter_mut().zip(parts) {
-        *iovec = libc::iovec { iov_base: part.as_ptr() as *mut libc::c_void, iov_len: part.len() };
-    }
+/// Sends `header` and `frame` as one frame on a connected or bound socket, without blocking.
+pub(crate) fn send_with_header(fd: RawFd, header: &[u8], frame: &[u8]) -> io::Result<usize> {
+    let iovec = |part: &[u8]| libc::iovec {
+        iov_base: part.as_ptr() as *mut libc::c_void,
+        iov_len: part.len(),
+    };
+    let mut iovecs = [iovec(header), iovec(frame)];
     // SAFETY: msghdr is plain old data; all-zero is valid (no name, no control).
     let mut message: libc::msghdr = unsafe { mem::zeroed() };
     message.msg_iov = iovecs.as_mut_ptr();
-    message.msg_iovlen = count as _;
-    // SAFETY: every iovec points into a slice of `parts`, alive for the call; the kernel only
-    // reads through them.
+    message.msg_iovlen = iovecs.len() as _;
+    // SAFETY: both iovecs point into slices alive for the call; the kernel only reads them.
     let ret = unsafe { libc::sendmsg(fd, &message, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     if ret < 0 {
         Err(io::Error::last_os_error())

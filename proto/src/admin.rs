@@ -346,7 +346,7 @@ pub struct Drops {
     /// Frames a NIC port on standby did not pass: another port forwards for its LAN.
     #[serde(default)]
     pub standby: u64,
-    /// Frames of the beacon EtherType that are no beacon a node sends.
+    /// Beacons (frames with a beacon's EtherType and magic) that do not decode.
     #[serde(default)]
     pub bad_beacon: u64,
 }

@@ -79,9 +79,18 @@ pub enum BeaconError {
     BadName,
 }
 
-/// Whether `frame` has the beacon EtherType, so it is a beacon or garbage, never traffic.
+/// Whether `frame` has the beacon EtherType and the magic of a beacon: the node's own, never
+/// traffic. Other uses of the experimental EtherType are traffic like any other.
 pub fn is_beacon(frame: &[u8]) -> bool {
-    frame.len() >= HEADER_LEN && frame[12..14] == ETHERTYPE.to_be_bytes()
+    has_magic(frame, MAGIC)
+}
+
+/// Whether `frame` has the EtherType umnet's own frames use and, after the Ethernet header,
+/// `magic`: a beacon's, or a guest request's ([`crate::guest`]).
+pub fn has_magic(frame: &[u8], magic: &[u8; 4]) -> bool {
+    frame.len() >= HEADER_LEN + magic.len()
+        && frame[12..14] == ETHERTYPE.to_be_bytes()
+        && frame[HEADER_LEN..HEADER_LEN + magic.len()] == magic[..]
 }
 
 impl Beacon {
@@ -176,7 +185,10 @@ mod tests {
         assert_eq!(parsed, beacon());
         assert!(parsed.forwarding() && !parsed.leaving());
         assert!(is_beacon(&FIXTURE));
-        assert!(!is_beacon(&FIXTURE[..13]));
+        assert!(!is_beacon(&FIXTURE[..17]));
+        let mut other = FIXTURE;
+        other[14..18].copy_from_slice(b"XPRM");
+        assert!(!is_beacon(&other), "another use of the EtherType is no beacon");
     }
 
     #[test]

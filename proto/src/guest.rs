@@ -116,7 +116,7 @@ pub enum GuestError {
 
 /// Whether `frame` is a guest request or reply (EtherType and magic), rather than a beacon.
 pub fn is_guest_frame(frame: &[u8]) -> bool {
-    crate::beacon::is_beacon(frame) && frame.get(HEADER_LEN..HEADER_LEN + 4) == Some(&MAGIC[..])
+    crate::beacon::has_magic(frame, MAGIC)
 }
 
 fn header(destination: MacAddress, source: MacAddress, kind: u8, id: u32, net: u32) -> Vec<u8> {

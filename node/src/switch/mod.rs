@@ -614,7 +614,7 @@ impl Switch {
 
         // Step 1: beacons are the election's, never traffic. (A guest request from the LAN is
         // no beacon: the switch refuses it as forged.)
-        if beacon::is_beacon(frame) && !guest::is_guest_frame(frame) {
+        if beacon::is_beacon(frame) {
             self.hear_beacon(id, frame, now);
             return false;
         }
@@ -774,7 +774,7 @@ impl Switch {
             Err(error) => {
                 port.counters.drops.bad_beacon += 1;
                 warn_malformed(&mut self.malformed_warnings, port, "bad beacon", frame.len(), now);
-                tracing::debug!(port = id, %error, "frame of the beacon EtherType dropped");
+                tracing::debug!(port = id, %error, "malformed beacon dropped");
                 return;
             }
         };
@@ -1320,9 +1320,7 @@ fn switch_frame(
     };
     port.counters.rx_frames += 1;
     port.counters.rx_bytes += frame.len() as u64;
-    if header.ethertype == beacon::ETHERTYPE
-        && (guest::is_guest_frame(frame) || Beacon::parse(frame).is_ok())
-    {
+    if guest::is_guest_frame(frame) || beacon::is_beacon(frame) {
         // Guest requests are for the node, and beacons for NIC ports' wires only: neither is
         // switched. Other uses of the experimental EtherType pass like any frame.
         control.push((id, frame.to_vec()));

@@ -108,7 +108,7 @@ impl NicLink {
         let Some(fd) = &self.socket else {
             return Err(io::Error::from_raw_os_error(libc::ENODEV));
         };
-        sys::send_parts(fd.as_raw_fd(), &[&VnetHeader::NONE, frame])
+        sys::send_with_header(fd.as_raw_fd(), &VnetHeader::NONE, frame)
     }
 
     /// What the port is doing, for `umnet port list`.
