@@ -4,12 +4,11 @@
 //! Plain data and plain methods: no sockets, no clock (callers pass `now`), so learning,
 //! aging, flooding and the MAC limit are tested without root.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use umnet_proto::ethernet::MacAddress;
 
-use super::PortId;
+use super::{FastMap, PortId};
 
 /// Where a frame goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,7 +67,7 @@ pub(crate) struct FdbRow {
 /// The forwarding database of one network.
 #[derive(Debug)]
 pub(crate) struct Bridge {
-    fdb: HashMap<MacAddress, Entry>,
+    fdb: FastMap<MacAddress, Entry>,
     aging: Duration,
     limit: usize,
     limit_hits: u64,
@@ -81,7 +80,7 @@ impl Bridge {
     pub(crate) fn new(aging: Duration, limit: usize) -> Self {
         // Reserve for the common case only: a full table is allocated as it fills.
         Bridge {
-            fdb: HashMap::with_capacity(limit.min(256)),
+            fdb: FastMap::with_capacity_and_hasher(limit.min(256), Default::default()),
             aging,
             limit,
             limit_hits: 0,

@@ -16,10 +16,12 @@ mod port;
 mod segment;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
+use std::task;
 use std::time::{Duration, Instant, SystemTime};
 
 use mio::unix::SourceFd;
@@ -263,10 +265,10 @@ pub(crate) fn new(
         woken,
         notify,
         ids,
-        peer_ports: HashMap::new(),
-        peer_stats: HashMap::new(),
+        peer_ports: FastMap::default(),
+        peer_stats: FastMap::default(),
         networks: BTreeMap::new(),
-        ports: HashMap::new(),
+        ports: FastMap::default(),
         ready: VecDeque::new(),
         congested: Vec::new(),
         batch,
@@ -274,7 +276,7 @@ pub(crate) fn new(
         nic_batch: None,
         restored: Vec::new(),
         segmented: Vec::new(),
-        malformed_warnings: HashMap::new(),
+        malformed_warnings: FastMap::default(),
         control_frames: Vec::new(),
         captures: Vec::new(),
         guest_warning: RateLimit::default(),
@@ -295,6 +297,12 @@ impl AsRawFd for EpollFd {
     }
 }
 
+/// The switch's maps, keyed by port, peer and MAC address: foldhash, seeded at random in each
+/// process, where std's SipHash took a fifth of the switch's instructions per frame. The seed
+/// keeps a guest from choosing colliding addresses ahead of time, and the MAC limit bounds the
+/// table anyway.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The switch: every port and bridge of the node.
 pub(crate) struct Switch {
     poll: Poll,
@@ -303,11 +311,11 @@ pub(crate) struct Switch {
     notify: Arc<tokio::sync::Notify>,
     ids: Arc<AtomicU32>,
     /// The port of each peer and network.
-    peer_ports: HashMap<(PeerId, NetworkId), PortId>,
+    peer_ports: FastMap<(PeerId, NetworkId), PortId>,
     /// Counters of each connected peer, for frames that reach no port.
-    peer_stats: HashMap<PeerId, Arc<PeerStats>>,
+    peer_stats: FastMap<PeerId, Arc<PeerStats>>,
     networks: BTreeMap<NetworkId, Network>,
-    ports: HashMap<PortId, Port>,
+    ports: FastMap<PortId, Port>,
     /// Ports with frames left to read after their last turn.
     ready: VecDeque<PortId>,
     /// Ports holding others paused; checked for being stuck.
@@ -320,7 +328,7 @@ pub(crate) struct Switch {
     restored: Vec<u8>,
     /// One segment of a NIC super-frame.
     segmented: Vec<u8>,
-    malformed_warnings: HashMap<PortId, RateLimit>,
+    malformed_warnings: FastMap<PortId, RateLimit>,
     /// Frames for the node itself (guest requests), taken out of the stream while switching
     /// and answered once the batch is done.
     control_frames: Vec<(PortId, Vec<u8>)>,
@@ -358,8 +366,12 @@ impl Switch {
         };
         let mut events = Events::with_capacity(256);
         let mut next_aging = Instant::now() + AGE_INTERVAL;
+        // One timer for the whole run, moved rather than made anew at every wake-up.
+        let timer = tokio::time::sleep_until(next_aging.into());
+        tokio::pin!(timer);
+        let notify = self.notify.clone();
         loop {
-            // Step 1: wait for an event, a timer, or the end of a busy-poll yield.
+            // Step 1: wait for an event, a command, a timer, or the end of a busy-poll yield.
             let busy = self.last_local_delivery.elapsed() < self.config.busy_poll;
             if !self.ready.is_empty() || busy {
                 tokio::task::yield_now().await;
@@ -369,18 +381,31 @@ impl Switch {
                 } else {
                     Instant::now() + STUCK_AFTER
                 };
-                tokio::select! {
-                    guard = readiness.readable() => match guard {
+                if timer.deadline() != deadline.into() {
+                    timer.as_mut().reset(deadline.into());
+                }
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                let woke = std::future::poll_fn(|cx| {
+                    match readiness.poll_read_ready(cx) {
                         // Cleared before the epoll instance is drained below: an event that
                         // arrives meanwhile makes it readable again.
-                        Ok(mut guard) => guard.clear_ready(),
-                        Err(error) => {
-                            tracing::error!(%error, "the switch cannot wait for events; stopping");
-                            return;
+                        task::Poll::Ready(Ok(mut guard)) => {
+                            guard.clear_ready();
+                            return task::Poll::Ready(Ok(()));
                         }
-                    },
-                    () = self.notify.notified() => {}
-                    () = tokio::time::sleep_until(deadline.into()) => {}
+                        task::Poll::Ready(Err(error)) => return task::Poll::Ready(Err(error)),
+                        task::Poll::Pending => {}
+                    }
+                    if notified.as_mut().poll(cx).is_ready() || timer.as_mut().poll(cx).is_ready() {
+                        return task::Poll::Ready(Ok(()));
+                    }
+                    task::Poll::Pending
+                })
+                .await;
+                if let Err(error) = woke {
+                    tracing::error!(%error, "the switch cannot wait for events; stopping");
+                    return;
                 }
             }
             if self.woken.load(Ordering::Acquire) && !self.run_commands() {
@@ -1284,9 +1309,9 @@ struct Ingress<'a> {
 /// ports and bridges are changed.
 #[allow(clippy::too_many_arguments)]
 fn switch_frame(
-    ports: &mut HashMap<PortId, Port>,
+    ports: &mut FastMap<PortId, Port>,
     networks: &mut BTreeMap<NetworkId, Network>,
-    warnings: &mut HashMap<PortId, RateLimit>,
+    warnings: &mut FastMap<PortId, RateLimit>,
     congested: &mut Vec<PortId>,
     control: &mut Vec<(PortId, Vec<u8>)>,
     captures: &mut Vec<Capture>,
@@ -1460,7 +1485,7 @@ struct Transmitted {
 /// Sends `frame` from port `ingress` out of port `out`.
 #[allow(clippy::too_many_arguments)]
 fn transmit(
-    ports: &mut HashMap<PortId, Port>,
+    ports: &mut FastMap<PortId, Port>,
     congested: &mut Vec<PortId>,
     captures: &mut Vec<Capture>,
     ingress: PortId,
@@ -1491,7 +1516,7 @@ fn transmit(
 }
 
 fn warn_malformed(
-    warnings: &mut HashMap<PortId, RateLimit>,
+    warnings: &mut FastMap<PortId, RateLimit>,
     port: &Port,
     reason: &str,
     len: usize,
