@@ -298,7 +298,7 @@ impl AsRawFd for EpollFd {
 }
 
 /// The switch's maps, keyed by port, peer and MAC address: foldhash, seeded at random in each
-/// process, where std's SipHash took a fifth of the switch's instructions per frame. The seed
+/// process, where std's SipHash took a quarter of the switch's instructions per frame. The seed
 /// keeps a guest from choosing colliding addresses ahead of time, and the MAC limit bounds the
 /// table anyway.
 pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
