@@ -369,7 +369,6 @@ impl Switch {
         // One timer for the whole run, moved rather than made anew at every wake-up.
         let timer = tokio::time::sleep_until(next_aging.into());
         tokio::pin!(timer);
-        let notify = self.notify.clone();
         loop {
             // Step 1: wait for an event, a command, a timer, or the end of a busy-poll yield.
             let busy = self.last_local_delivery.elapsed() < self.config.busy_poll;
@@ -384,7 +383,7 @@ impl Switch {
                 if timer.deadline() != deadline.into() {
                     timer.as_mut().reset(deadline.into());
                 }
-                let notified = notify.notified();
+                let notified = self.notify.notified();
                 tokio::pin!(notified);
                 let woke = std::future::poll_fn(|cx| {
                     match readiness.poll_read_ready(cx) {
@@ -1345,7 +1344,9 @@ fn switch_frame(
     };
     port.counters.rx_frames += 1;
     port.counters.rx_bytes += frame.len() as u64;
-    if guest::is_guest_frame(frame) || beacon::is_beacon(frame) {
+    if header.ethertype == beacon::ETHERTYPE
+        && (guest::is_guest_frame(frame) || beacon::is_beacon(frame))
+    {
         // Guest requests are for the node, and beacons for NIC ports' wires only: neither is
         // switched. Other uses of the experimental EtherType pass like any frame.
         control.push((id, frame.to_vec()));
