@@ -144,6 +144,13 @@ fn strangers_cannot_join_and_allowed_networks_hold() -> Result<()> {
     let z = Node::start(NodeOptions::new().netns(&underlay.hosts[4]))?;
     let refused = z.cli(&["peer", "add", "a", &address(0)])?;
     assert_eq!(refused.status.code(), Some(4), "a node without identity took a peer");
+    // It runs single-host, and both its log and the refusal say how to get an identity.
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("umnet ca issue"), "{stderr}");
+    assert!(z.log().contains("running single-host"), "{}", z.log());
+    assert!(z.log().contains("umnet ca"), "{}", z.log());
+    // a's certificate is valid for 30 days, inside the warning window: a warns at start.
+    assert!(a.log().contains("the node certificate expires soon"), "{}", a.log());
 
     std::thread::sleep(Duration::from_secs(3));
     let peers = a.cli_json(&["peer", "list"])?;
