@@ -49,6 +49,20 @@
 //! the namespace and every helper. The harness kills `unshare`'s process group on drop, and
 //! `unshare` also dies with the test thread (see [`crate::process::isolate`]), so a test binary
 //! killed by a CI timeout leaves no guest behind either.
+//!
+//! # Hosts with large FPU state
+//!
+//! The 6.1 kernel saves a guest process's FPU registers with `PTRACE_GETREGSET` and
+//! `NT_X86_XSTATE` in a buffer of its own fixed size, while a host whose CPU has AMX wants the
+//! whole, larger XSAVE area and refuses the write back with `EFAULT`: the guest's init dies at
+//! its first system call ("ptrace set fp regs failed, errno = 14"). UML falls back to
+//! `PTRACE_GETFPREGS` (the FXSAVE area, which every x86-64 host takes) when the `NT_X86_XSTATE`
+//! request fails at boot, so the harness starts UML under a seccomp filter that fails exactly
+//! those requests with `EIO`; everything else passes untouched. The FXSAVE area holds the SSE
+//! registers but not the upper halves of the AVX ones, so the guest's programs are told not to
+//! use AVX: `GLIBC_TUNABLES` on the kernel command line reaches init's environment, and glibc's
+//! string functions then pick their SSE2 versions. The same holds on every host, so guests
+//! behave alike on all of them.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -332,10 +346,12 @@ impl Guest {
             .args(&config.interfaces)
             // Unknown `NAME=value` arguments reach init as environment variables.
             .arg(format!("UMNET_GUEST_NAME={name}"))
+            .arg(GUEST_GLIBC_TUNABLES)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         isolate(&mut command);
+        without_xstate_ptrace(&mut command);
         let mut child = command.spawn().with_context(|| format!("starting UML guest {name}"))?;
 
         let console = Arc::new(Console::default());
@@ -514,6 +530,60 @@ fn parse_ping(output: &str) -> Option<PingStats> {
     let line = output.lines().find(|line| line.contains("packets transmitted"))?;
     let mut numbers = line.split(',').map(|part| part.split_whitespace().next()?.parse().ok());
     Some(PingStats { transmitted: numbers.next()??, received: numbers.next()?? })
+}
+
+/// Keeps glibc in the guest off AVX, whose registers UML no longer saves in full.
+pub const GUEST_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,\
+    -AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-EVEX,-FMA,-AVX_VNNI";
+
+/// Makes `command` and its children see `ptrace(PTRACE_GETREGSET or PTRACE_SETREGSET, pid,
+/// NT_X86_XSTATE, ..)` fail with `EIO`, so UML uses the FXSAVE area instead; see "Hosts with
+/// large FPU state" in the module docs.
+pub fn without_xstate_ptrace(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const PTRACE_GETREGSET: u32 = 0x4204;
+    const PTRACE_SETREGSET: u32 = 0x4205;
+    const NT_X86_XSTATE: u32 = 0x202;
+    // Offsets in struct seccomp_data: nr, arch, then args[6] from byte 16 (low halves first on
+    // little-endian x86-64).
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    const ARG0: u32 = 16;
+    const ARG2: u32 = 32;
+    const LOAD: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    // Jumps count instructions skipped: each test falls through on a match where noted.
+    let filter = [
+        op(LOAD, 0, 0, ARCH),
+        op(JEQ, 0, 7, AUDIT_ARCH_X86_64), // another ABI: allow
+        op(LOAD, 0, 0, NR),
+        op(JEQ, 0, 5, libc::SYS_ptrace as u32), // not ptrace: allow
+        op(LOAD, 0, 0, ARG0),
+        op(JEQ, 1, 0, PTRACE_GETREGSET),
+        op(JEQ, 0, 2, PTRACE_SETREGSET), // another request: allow
+        op(LOAD, 0, 0, ARG2),
+        op(JEQ, 1, 0, NT_X86_XSTATE),
+        op(RET, 0, 0, libc::SECCOMP_RET_ALLOW),
+        op(RET, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EIO as u32),
+    ];
+    // SAFETY: the closure runs between fork and exec and makes only prctl(2) calls, reading
+    // `filter`, which the closure owns and which outlives both calls.
+    unsafe {
+        command.pre_exec(move || {
+            let program =
+                libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]
