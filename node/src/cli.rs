@@ -262,7 +262,7 @@ fn render_peers(peers: &[admin::Peer]) -> String {
         let nets: Vec<String> = p.networks.iter().map(u32::to_string).collect();
         out.push_str(&format!(
             "{:<16} {:<12} {:<22} {:>8} {:>8} {:>6} {:>10} {:>10}  [{}] malformed={} \
-             not-allowed={} reassembly={} send-failed={}{}\n",
+             not-allowed={} reassembly={} send-failed={} mss-clamped={}{}\n",
             p.name,
             p.state.to_string(),
             p.address.clone().unwrap_or_else(dash),
@@ -276,6 +276,7 @@ fn render_peers(peers: &[admin::Peer]) -> String {
             c.not_allowed,
             c.reassembly,
             c.send_failed,
+            c.mss_clamped,
             p.last_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default(),
         ));
     }

@@ -72,6 +72,9 @@ pub(crate) struct FederationSection {
     pub(crate) revoked_names: Vec<String>,
     /// Certificate fingerprints (SHA-256, as `umnet cert show` prints them) refused likewise.
     pub(crate) revoked_fingerprints: Vec<String>,
+    /// Lower the MSS that TCP SYNs sent to peers announce, so the connection's frames fit one
+    /// datagram instead of two.
+    pub(crate) clamp_mss: bool,
 }
 
 impl Default for FederationSection {
@@ -82,6 +85,7 @@ impl Default for FederationSection {
             inbound: Inbound::Cluster,
             revoked_names: Vec::new(),
             revoked_fingerprints: Vec::new(),
+            clamp_mss: true,
         }
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -78,6 +79,7 @@ pub(crate) fn start(
         identity: path,
         fingerprint: std::sync::Mutex::new(info.fingerprint),
         policy: std::sync::Mutex::new(Policy::of(config)),
+        clamp_mss: Arc::new(AtomicBool::new(config.federation.clamp_mss)),
         counters,
         revocations,
     };
@@ -111,6 +113,8 @@ pub(crate) struct Policy {
     pub(crate) listed_only: bool,
     /// Networks restricted to some peers: a peer not listed never carries their frames.
     pub(crate) allowed: BTreeMap<NetworkId, BTreeSet<String>>,
+    /// Lower the MSS of TCP SYNs sent to peers ([`umnet_proto::mss`]).
+    pub(crate) clamp_mss: bool,
 }
 
 impl Policy {
@@ -121,7 +125,11 @@ impl Policy {
             .iter()
             .filter_map(|n| Some((n.id, n.peers.clone()?.into_iter().collect())))
             .collect();
-        Policy { listed_only: config.federation.inbound == Inbound::Listed, allowed }
+        Policy {
+            listed_only: config.federation.inbound == Inbound::Listed,
+            allowed,
+            clamp_mss: config.federation.clamp_mss,
+        }
     }
 }
 

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,10 @@ use quinn::RecvStream;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{watch, Notify};
 use umnet_proto::admin::{self, NetworkId, PeerCounters, PeerState};
-use umnet_proto::peer::{encode, Datagram, Message, Reassembled, Reassembly, PROTOCOL_VERSION};
+use umnet_proto::mss;
+use umnet_proto::peer::{
+    encode, Datagram, Message, Reassembled, Reassembly, FRAME_HEADER_LEN, PROTOCOL_VERSION,
+};
 
 use crate::federation::Policy;
 use crate::switch::{self, Command};
@@ -71,6 +74,7 @@ pub(crate) struct PeerStats {
     pub(crate) not_allowed: AtomicU64,
     pub(crate) reassembly: AtomicU64,
     pub(crate) send_failed: AtomicU64,
+    pub(crate) mss_clamped: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -89,6 +93,7 @@ impl PeerStats {
             not_allowed: get(&self.not_allowed),
             reassembly: get(&self.reassembly),
             send_failed: get(&self.send_failed),
+            mss_clamped: get(&self.mss_clamped),
         }
     }
 }
@@ -99,11 +104,18 @@ pub(crate) struct PeerLink {
     connection: quinn::Connection,
     next_id: u32,
     pub(crate) stats: Arc<PeerStats>,
+    clamp_mss: Arc<AtomicBool>,
+    /// A SYN with its MSS lowered, sent in place of the switch's frame.
+    clamped: Vec<u8>,
 }
 
 impl PeerLink {
-    pub(crate) fn new(connection: quinn::Connection, stats: Arc<PeerStats>) -> Self {
-        PeerLink { connection, next_id: 0, stats }
+    pub(crate) fn new(
+        connection: quinn::Connection,
+        stats: Arc<PeerStats>,
+        clamp_mss: Arc<AtomicBool>,
+    ) -> Self {
+        PeerLink { connection, next_id: 0, stats, clamp_mss, clamped: Vec::new() }
     }
 
     /// Sends `frame` of network `net`, in fragments if the path's datagrams are too small.
@@ -124,6 +136,12 @@ impl PeerLink {
             return Err(io::Error::other("the peer does not accept datagrams"));
         };
         self.next_id = self.next_id.wrapping_add(1);
+        let room = max.saturating_sub(FRAME_HEADER_LEN);
+        let frame = if self.clamp_mss.load(Ordering::Relaxed) {
+            clamp(frame, room, &mut self.clamped, &self.stats)
+        } else {
+            frame
+        };
         let mut failed = None;
         let connection = &self.connection;
         encode(net, self.next_id, frame, max, |datagram| {
@@ -139,6 +157,27 @@ impl PeerLink {
     }
 }
 
+/// `frame`, or its copy in `clamped` with a lower MSS if it is a TCP SYN announcing segments
+/// whose frames would not fit in `max_frame` bytes.
+fn clamp<'a>(
+    frame: &'a [u8],
+    max_frame: usize,
+    clamped: &'a mut Vec<u8>,
+    stats: &PeerStats,
+) -> &'a [u8] {
+    let Some(option) = mss::find(frame) else { return frame };
+    let limit = option.limit(max_frame);
+    if option.value <= limit {
+        return frame;
+    }
+    clamped.clear();
+    clamped.extend_from_slice(frame);
+    option.set(clamped, limit);
+    add(&stats.mss_clamped, 1);
+    tracing::debug!(from = option.value, to = limit, "lowered the MSS of a SYN to a peer");
+    clamped
+}
+
 /// Settings of federation, from the config file and the command line.
 #[derive(Debug)]
 pub(crate) struct Settings {
@@ -152,6 +191,8 @@ pub(crate) struct Settings {
     pub(crate) fingerprint: Mutex<String>,
     /// Who may connect and carry which networks.
     pub(crate) policy: Mutex<Policy>,
+    /// The policy's `clamp_mss`, read by the switch's peer ports at every SYN.
+    pub(crate) clamp_mss: Arc<AtomicBool>,
     /// What arrives on the peer port.
     pub(crate) counters: Arc<UnderlayCounters>,
     /// Revoked names and certificates, checked at every handshake.
@@ -517,6 +558,7 @@ impl Federation {
             link: PeerLinkFactory {
                 connection: live.connection.clone(),
                 stats: entry.stats.clone(),
+                clamp_mss: self.settings.clamp_mss.clone(),
             },
             nets,
         });
@@ -637,6 +679,7 @@ impl Federation {
     /// Applies a new policy: peers are told again which networks they may carry, and each
     /// peer's ports are made to match.
     pub(crate) fn set_policy(&self, policy: Policy) {
+        self.settings.clamp_mss.store(policy.clamp_mss, Ordering::Relaxed);
         *lock(&self.settings.policy) = policy;
         self.local.send_modify(|_| {});
         let names: Vec<String> = self.peers().keys().cloned().collect();
@@ -713,11 +756,12 @@ impl Federation {
 pub(crate) struct PeerLinkFactory {
     connection: quinn::Connection,
     stats: Arc<PeerStats>,
+    clamp_mss: Arc<AtomicBool>,
 }
 
 impl PeerLinkFactory {
     pub(crate) fn link(&self) -> PeerLink {
-        PeerLink::new(self.connection.clone(), self.stats.clone())
+        PeerLink::new(self.connection.clone(), self.stats.clone(), self.clamp_mss.clone())
     }
 
     pub(crate) fn stats(&self) -> &Arc<PeerStats> {

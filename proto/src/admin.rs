@@ -430,6 +430,9 @@ pub struct PeerCounters {
     pub reassembly: u64,
     /// Frames that could not be sent: too large, or the connection failed.
     pub send_failed: u64,
+    /// TCP SYNs sent with a lower MSS, so the connection's frames fit one datagram.
+    #[serde(default)]
+    pub mss_clamped: u64,
 }
 
 /// One learned MAC address.

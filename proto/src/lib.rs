@@ -15,6 +15,8 @@
 //!   and the node's answer.
 //! - [`offload`]: the virtio header of packet sockets, and turning offloaded super-frames,
 //!   partial checksums and stripped VLAN tags back into wire frames.
+//! - [`mss`]: the MSS option of TCP SYNs, lowered so a connection's frames fit one peer
+//!   datagram.
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -23,5 +25,6 @@ pub mod capture;
 pub mod daemon;
 pub mod ethernet;
 pub mod guest;
+pub mod mss;
 pub mod offload;
 pub mod peer;

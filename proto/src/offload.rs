@@ -45,13 +45,13 @@ pub const GSO_UDP_L4: u8 = 5;
 /// Set with a TCP type when the segments carry ECN's CWR flag only on the first.
 pub const GSO_ECN: u8 = 0x80;
 
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
+pub(crate) const ETHERTYPE_IPV4: u16 = 0x0800;
+pub(crate) const ETHERTYPE_IPV6: u16 = 0x86dd;
 /// EtherType of an 802.1ad (QinQ) service tag.
 const ETHERTYPE_QINQ: u16 = 0x88a8;
-const PROTOCOL_TCP: u8 = 6;
+pub(crate) const PROTOCOL_TCP: u8 = 6;
 const PROTOCOL_UDP: u8 = 17;
-const IPV6_HEADER_LEN: usize = 40;
+pub(crate) const IPV6_HEADER_LEN: usize = 40;
 const UDP_HEADER_LEN: usize = 8;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
@@ -123,7 +123,7 @@ pub enum OffloadError {
 }
 
 /// The ones' complement sum of `bytes` as 16-bit big-endian words, added to `sum`, not folded.
-fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
+pub(crate) fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
     let mut words = bytes.chunks_exact(2);
     for word in &mut words {
         sum += u32::from(u16::from_be_bytes([word[0], word[1]]));
@@ -135,7 +135,7 @@ fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
 }
 
 /// Folds a 32-bit sum into 16 bits and complements it: the Internet checksum (RFC 1071).
-fn fold(mut sum: u32) -> u16 {
+pub(crate) fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -159,7 +159,7 @@ pub fn complete_checksum(
 }
 
 /// Where a frame's Ethernet header, tags included, ends, and the EtherType found there.
-fn link_header(frame: &[u8]) -> Option<(usize, u16)> {
+pub(crate) fn link_header(frame: &[u8]) -> Option<(usize, u16)> {
     let mut at = HEADER_LEN - 2;
     loop {
         let ethertype = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]);

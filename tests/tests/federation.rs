@@ -2,7 +2,7 @@
 //! node holding an identity from a cluster CA made for the test.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +12,7 @@ use umnet_tests::cluster::{
 };
 use umnet_tests::process::run;
 use umnet_tests::{
-    mac, umnet_bin, wait_for, Guest, GuestConfig, Node, NodeOptions, TempDir, TestPeer,
+    mac, umnet_bin, wait_for, Guest, GuestConfig, Netns, Node, NodeOptions, TempDir, TestPeer,
 };
 
 #[test]
@@ -602,5 +602,72 @@ fn listed_inbound_refuses_other_nodes_and_crossed_dials_keep_one_connection() ->
     underlay.hosts[0].addr("ina", "10.0.0.1/24")?;
     underlay.hosts[1].addr("inb", "10.0.0.2/24")?;
     assert!(underlay.hosts[0].ping_ok("10.0.0.2")?, "a and b do not carry frames");
+    Ok(())
+}
+
+/// Runs one bounded iperf3 TCP test from `client` to the server at `address` on `server`,
+/// returning the MSS the client's connection settled on and the bytes the server had received
+/// when the client had sent its last.
+fn iperf3_tcp(client: &Netns, server: &Netns, address: &str) -> Result<(u64, u64)> {
+    let mut daemon = server.command("iperf3")?;
+    daemon.args(["-s", "-1", "-p", "5201", "-B", address]).stdout(Stdio::null());
+    let mut daemon = daemon.spawn().context("starting iperf3 (Debian package iperf3)")?;
+    // The server may not listen yet: the client then fails to connect at once, and tries again.
+    let result = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
+        let mut command = client.command("iperf3")?;
+        command.args(["-c", address, "-p", "5201", "-n", "4M", "-J"]);
+        let output = run(&mut command, Duration::from_secs(30))?;
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        Ok(output.status.success().then_some(report).filter(|r| r["error"].is_null()))
+    });
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let report = result.context("iperf3 never completed a test")?;
+    let mss = counter(&report, &["start", "tcp_mss_default"]);
+    let received = counter(&report, &["end", "sum_received", "bytes"]);
+    Ok((mss, received))
+}
+
+#[test]
+fn tcp_syns_to_a_peer_announce_segments_that_fit_one_datagram() -> Result<()> {
+    let ca = Ca::new("mss")?;
+    let underlay = Underlay::new(&["a", "b"], 1500)?;
+    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[(1, "b")], NETWORKS)?;
+    let mut b = underlay.start_node(1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
+    wait_connected(&a, &["b"])?;
+    wait_connected(&b, &["a"])?;
+    a.cli_ok(&["port", "add", "tap", "mssa", "--net", "100"])?;
+    b.cli_ok(&["port", "add", "tap", "mssb", "--net", "100"])?;
+    underlay.hosts[0].addr("mssa", "10.0.0.1/24")?;
+    underlay.hosts[1].addr("mssb", "10.0.0.2/24")?;
+    assert!(underlay.hosts[0].ping_ok("10.0.0.2")?, "the taps cannot reach each other");
+    let clamped = |node: &Node, name: &str| -> Result<(u64, u64)> {
+        let peers = node.cli_json(&["peer", "list"])?;
+        let entry = peer(&peers, name).context("peer gone")?;
+        Ok((counter(entry, &["counters", "mss_clamped"]), counter(entry, &["max_datagram"])))
+    };
+
+    // Both SYNs cross a peer, and each end hears an MSS whose segments fit one datagram: the
+    // frame (Ethernet, IPv4, TCP with timestamps) and umnet's 5-byte header.
+    let (mss, received) = iperf3_tcp(&underlay.hosts[0], &underlay.hosts[1], "10.0.0.2")?;
+    let (a_clamped, max_datagram) = clamped(&a, "b")?;
+    let (b_clamped, _) = clamped(&b, "a")?;
+    eprintln!("MSS {mss} over datagrams of {max_datagram} bytes");
+    assert!(received > 1 << 20, "TCP did not cross: {received} bytes");
+    assert!(a_clamped >= 1 && b_clamped >= 1, "SYNs clamped: a {a_clamped}, b {b_clamped}");
+    assert!(mss > 1000, "MSS {mss} is lower than the path needs");
+    assert!(5 + 14 + 20 + 20 + 12 + mss <= max_datagram, "MSS {mss}, datagrams {max_datagram}");
+
+    // Off on b: the SYN-ACK keeps the MSS the tap's MTU gives, and full frames cross cut in two.
+    let peers = format!("\n[[peer]]\nname = \"a\"\naddress = \"{}\"\n", address(0));
+    b.reconfigure(&format!("[federation]\nclamp_mss = false\n\n{NETWORKS}{peers}"))?;
+    wait_for(Duration::from_secs(5), Duration::from_millis(100), || {
+        Ok(b.log().contains("SIGHUP: config reloaded").then_some(()))
+    })
+    .with_context(|| format!("b did not reload its config:\n{}", b.log()))?;
+    let (mss, received) = iperf3_tcp(&underlay.hosts[0], &underlay.hosts[1], "10.0.0.2")?;
+    assert!(received > 1 << 20, "TCP did not cross with clamping off: {received} bytes");
+    assert_eq!(mss, 1448, "the client's MSS with clamping off on b");
+    assert_eq!(clamped(&b, "a")?.0, b_clamped, "b clamped a SYN after it was told not to");
     Ok(())
 }
