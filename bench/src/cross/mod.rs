@@ -319,7 +319,8 @@ fn iperf(path: &Path<'_>, args: &[&str], duration: Duration, dir: &FsPath) -> Re
         client.args(["-c", target, "-p", IPERF_PORT, "-t", &seconds, "-J"]).args(args);
         let finished = run_bounded(&mut client, dir, "iperf3", duration + IPERF_GRACE)?;
         let report: Value = serde_json::from_str(&finished.stdout).unwrap_or(Value::Null);
-        if finished.status.success() {
+        // iperf3 may exit 0 with an error in its report, as when the server refused it.
+        if finished.status.success() && report["error"].is_null() {
             return Ok(report);
         }
         let error = report["error"].as_str().map_or_else(|| finished.complaint(), str::to_string);

@@ -58,9 +58,9 @@ const BATCHES_PER_TURN: usize = 4;
 /// How often stale addresses are swept out of the bridges, and NIC ports send their beacons.
 const AGE_INTERVAL: Duration = segment::BEACON_INTERVAL;
 
-/// A device read buffer large enough that no frame a tap hands up is cut, so an oversize
-/// frame is seen and counted as such.
-const DEVICE_BUFFER: usize = 65_536;
+/// A device read buffer large enough that no frame a tap hands up is cut, a 64 KiB
+/// super-frame and its virtio header included, so an oversize frame is seen and counted.
+const DEVICE_BUFFER: usize = VNET_HEADER_LEN + 65_536;
 
 /// Frames taken per `recvmmsg` from a NIC port.
 const NIC_BATCH: usize = 16;
@@ -582,7 +582,11 @@ impl Switch {
         for _ in 0..BATCH {
             match sys::read(fd, &mut buffer) {
                 Ok(len) => {
-                    self.switch_one(Ingress { id, frame: &buffer[..len], oversize: false, now });
+                    let (header, frame) = buffer[..len].split_at_mut(VNET_HEADER_LEN.min(len));
+                    match VnetHeader::parse(header) {
+                        Some(header) => self.switch_offloaded(id, &header, frame, None, now),
+                        None => self.count_runt(id),
+                    };
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     outcome = Ok(false);
@@ -662,6 +666,30 @@ impl Switch {
             warn_malformed(&mut self.malformed_warnings, port, "oversize", frame.len(), now);
             return false;
         }
+        self.switch_offloaded(id, &header, frame, received.vlan, now)
+    }
+
+    /// Counts a read too short to hold a virtio header on port `id`.
+    fn count_runt(&mut self, id: PortId) -> bool {
+        if let Some(port) = self.ports.get_mut(&id) {
+            port.counters.drops.runt += 1;
+        }
+        false
+    }
+
+    /// Switches `frame`, read from port `id` behind virtio header `header`, as the wire would
+    /// carry it: its partial checksum completed, the VLAN tag the kernel took out (`vlan`,
+    /// TPID and TCI) put back, and a super-frame cut into frames. Returns whether a frame went
+    /// to a local port.
+    fn switch_offloaded(
+        &mut self,
+        id: PortId,
+        header: &VnetHeader,
+        frame: &mut [u8],
+        vlan: Option<(u16, u16)>,
+        now: Instant,
+    ) -> bool {
+        let Some(port) = self.ports.get_mut(&id) else { return false };
         if header.flags & NEEDS_CSUM != 0 && !header.is_gso() {
             let (start, offset) = (usize::from(header.csum_start), usize::from(header.csum_offset));
             if offload::complete_checksum(frame, start, offset).is_err() {
@@ -671,7 +699,7 @@ impl Switch {
             }
         }
         let mut restored = std::mem::take(&mut self.restored);
-        let frame: &[u8] = match received.vlan {
+        let frame: &[u8] = match vlan {
             Some((tpid, tci)) => {
                 offload::insert_vlan_tag(frame, tpid, tci, &mut restored);
                 &restored
@@ -681,7 +709,7 @@ impl Switch {
         let mut local = false;
         if header.is_gso() {
             let mut segmented = std::mem::take(&mut self.segmented);
-            let result = offload::segment(frame, &header, &mut segmented, |segment| {
+            let result = offload::segment(frame, header, &mut segmented, |segment| {
                 let ingress = Ingress { id, frame: segment, oversize: false, now };
                 local |= self.switch_one(ingress);
             });

@@ -265,7 +265,7 @@ impl Port {
     fn write(&mut self, frame: &[u8]) -> io::Result<()> {
         match &mut self.link {
             Link::Socket(fd) => sys::send(fd.as_raw_fd(), frame)?,
-            Link::Device(fd) => sys::write(fd.as_raw_fd(), frame)?,
+            Link::Device(fd) => sys::write_with_header(fd.as_raw_fd(), &VnetHeader::NONE, frame)?,
             Link::Peer(link) => link.send(self.net, frame)?,
             Link::Nic(nic) => nic.send(frame)?,
         };
