@@ -73,13 +73,14 @@ pub(crate) fn start(
         .with_context(|| format!("cannot listen for peers on UDP {address}"))?;
     tracing::info!(name = %info.name, listen = %endpoint.local_addr()?, "listening for peers");
 
+    let policy = Policy::of(config);
     let settings = Settings {
         name: info.name,
         not_after: std::sync::Mutex::new(info.not_after),
         identity: path,
         fingerprint: std::sync::Mutex::new(info.fingerprint),
-        policy: std::sync::Mutex::new(Policy::of(config)),
-        clamp_mss: Arc::new(AtomicBool::new(config.federation.clamp_mss)),
+        clamp_mss: Arc::new(AtomicBool::new(policy.clamp_mss)),
+        policy: std::sync::Mutex::new(policy),
         counters,
         revocations,
     };

@@ -469,13 +469,18 @@ fn bind_to_interface(fd: &OwnedFd, index: u32, protocol: u16) -> io::Result<()> 
     Ok(())
 }
 
-/// Sends `header` and `frame` as one frame on a connected or bound socket, without blocking.
-pub(crate) fn send_with_header(fd: RawFd, header: &[u8], frame: &[u8]) -> io::Result<usize> {
+/// The iovecs of `header` followed by `frame`, for the kernel to read as one frame.
+fn header_and_frame(header: &[u8], frame: &[u8]) -> [libc::iovec; 2] {
     let iovec = |part: &[u8]| libc::iovec {
         iov_base: part.as_ptr() as *mut libc::c_void,
         iov_len: part.len(),
     };
-    let mut iovecs = [iovec(header), iovec(frame)];
+    [iovec(header), iovec(frame)]
+}
+
+/// Sends `header` and `frame` as one frame on a connected or bound socket, without blocking.
+pub(crate) fn send_with_header(fd: RawFd, header: &[u8], frame: &[u8]) -> io::Result<usize> {
+    let mut iovecs = header_and_frame(header, frame);
     // SAFETY: msghdr is plain old data; all-zero is valid (no name, no control).
     let mut message: libc::msghdr = unsafe { mem::zeroed() };
     message.msg_iov = iovecs.as_mut_ptr();
@@ -492,11 +497,7 @@ pub(crate) fn send_with_header(fd: RawFd, header: &[u8], frame: &[u8]) -> io::Re
 /// Writes one frame to a device behind the virtio header `header` (a tap with
 /// `IFF_VNET_HDR`), in one `writev`.
 pub(crate) fn write_with_header(fd: RawFd, header: &[u8], frame: &[u8]) -> io::Result<usize> {
-    let iovec = |part: &[u8]| libc::iovec {
-        iov_base: part.as_ptr() as *mut libc::c_void,
-        iov_len: part.len(),
-    };
-    let iovecs = [iovec(header), iovec(frame)];
+    let iovecs = header_and_frame(header, frame);
     // SAFETY: both iovecs point into slices alive for the call; the kernel only reads them.
     let ret = unsafe { libc::writev(fd, iovecs.as_ptr(), iovecs.len() as libc::c_int) };
     if ret < 0 {

@@ -584,9 +584,11 @@ impl Switch {
                 Ok(len) => {
                     let (header, frame) = buffer[..len].split_at_mut(VNET_HEADER_LEN.min(len));
                     match VnetHeader::parse(header) {
-                        Some(header) => self.switch_offloaded(id, &header, frame, None, now),
+                        Some(header) => {
+                            self.switch_offloaded(id, &header, frame, None, now);
+                        }
                         None => self.count_runt(id),
-                    };
+                    }
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     outcome = Ok(false);
@@ -670,11 +672,10 @@ impl Switch {
     }
 
     /// Counts a read too short to hold a virtio header on port `id`.
-    fn count_runt(&mut self, id: PortId) -> bool {
+    fn count_runt(&mut self, id: PortId) {
         if let Some(port) = self.ports.get_mut(&id) {
             port.counters.drops.runt += 1;
         }
-        false
     }
 
     /// Switches `frame`, read from port `id` behind virtio header `header`, as the wire would
