@@ -50,6 +50,24 @@
 //! `unshare` also dies with the test thread (see [`crate::process::isolate`]), so a test binary
 //! killed by a CI timeout leaves no guest behind either.
 //!
+//! # Memory
+//!
+//! UML sizes its physical memory as `mem=` plus the gap between the end of its own binary and
+//! the start of its heap, and the host places a 64-bit program's heap anywhere in a gigabyte
+//! past its binary. The page descriptors for a large gap come out of the guest's memory: a
+//! 64 MiB guest had anywhere from 34 to 53 MiB free after boot. The harness starts UML with
+//! address-space randomization off, so the gap is small and the same on every boot.
+//!
+//! # Boot failures
+//!
+//! Now and then (about one boot in a hundred on a loaded two-core machine) Debian's UML 6.1
+//! cannot create tasks from early in its boot: a crypto self-test thread fails to start
+//! (a warning from `crypto_wait_for_test`), then init's first fork fails with "can't fork:
+//! Resource temporarily unavailable" and the kernel panics. Nothing the guest is given
+//! changes this; booting the same guest again works. So the harness stops waiting as soon as
+//! a guest's kernel panics before its init is ready, says so on stderr, and boots it again, up
+//! to [`BOOT_ATTEMPTS`] times. A kernel panic after boot is never retried.
+//!
 //! # Hosts with large FPU state
 //!
 //! The 6.1 kernel saves a guest process's FPU registers with `PTRACE_GETREGSET` and
@@ -59,10 +77,15 @@
 //! `PTRACE_GETFPREGS` (the FXSAVE area, which every x86-64 host takes) when the `NT_X86_XSTATE`
 //! request fails at boot, so the harness starts UML under a seccomp filter that fails exactly
 //! those requests with `EIO`; everything else passes untouched. The FXSAVE area holds the SSE
-//! registers but not the upper halves of the AVX ones, so the guest's programs are told not to
-//! use AVX: `GLIBC_TUNABLES` on the kernel command line reaches init's environment, and glibc's
-//! string functions then pick their SSE2 versions. The same holds on every host, so guests
-//! behave alike on all of them.
+//! registers but not the upper halves of the AVX ones, and those halves do not survive a page
+//! fault: UML learns of a guest's fault from a signal handler in the guest's host process, the
+//! host kernel starts that handler with the vector state reset, and UML puts back only the
+//! FXSAVE part. A 32-byte copy that faults between its load and its store writes 16 zero
+//! bytes. So the guest's programs are kept off AVX: `GLIBC_TUNABLES` on the kernel command line
+//! reaches init's environment and turns off every feature glibc would pick an AVX or EVEX
+//! string function for, `AVX_Fast_Unaligned_Load` included (without it `memcpy` stays on AVX
+//! where the CPU has RTM). The same holds on every host, so guests behave alike on all of
+//! them.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -81,11 +104,25 @@ use crate::temp::{unique_suffix, TempDir};
 /// Printed by the init script once the command loop is about to start.
 const READY_MARKER: &str = "UMNET-GUEST-READY\n";
 
+/// What the kernel prints when it gives up.
+const PANIC_MARKER: &str = "Kernel panic - not syncing";
+
+/// Boots of one guest tried before a kernel panic at boot fails the test.
+pub const BOOT_ATTEMPTS: u32 = 3;
+
+/// Why a guest did not come up.
+enum Boot {
+    /// Its kernel panicked, with this line; another boot may well succeed.
+    Panicked(String),
+    /// Anything else, with the console quoted.
+    Failed(anyhow::Error),
+}
+
 /// The default limit for [`Guest::run_ok`] and the helpers built on it.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Lines of console output quoted in error messages.
-const TAIL_LINES: usize = 40;
+const TAIL_LINES: usize = 60;
 
 /// The n_tty line discipline holds at most 4095 bytes of a line in canonical mode and drops
 /// the rest, which would silently cut a command short.
@@ -301,17 +338,42 @@ pub struct Guest {
 impl Guest {
     /// Boots a guest and waits until its command loop is ready.
     pub fn boot(config: GuestConfig) -> Result<Guest> {
-        let mut guest = Guest::spawn(config)?;
-        guest.wait_ready()?;
+        let [guest] = Guest::boot_all([config])?;
         Ok(guest)
     }
 
     /// Boots several guests in parallel, which is faster than one after another:
     /// `let [g1, g2] = Guest::boot_all([config1, config2])?;`
+    ///
+    /// A guest whose kernel panics before its init is ready is booted again, up to
+    /// [`BOOT_ATTEMPTS`] times in all; see "Boot failures" in the module docs.
     pub fn boot_all<const N: usize>(configs: [GuestConfig; N]) -> Result<[Guest; N]> {
-        let mut guests = configs.into_iter().map(Guest::spawn).collect::<Result<Vec<_>>>()?;
-        for guest in &mut guests {
-            guest.wait_ready()?;
+        let mut guests = configs
+            .iter()
+            .map(|config| Guest::spawn(config.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        for (guest, config) in guests.iter_mut().zip(&configs) {
+            let mut attempt = 1;
+            loop {
+                match guest.wait_ready() {
+                    Ok(()) => break,
+                    Err(Boot::Panicked(line)) if attempt < BOOT_ATTEMPTS => {
+                        eprintln!(
+                            "umnet-tests: guest {}: the kernel panicked at boot ({line}); \
+                             booting it again",
+                            guest.name
+                        );
+                        attempt += 1;
+                        // The new guest replaces the old one, which is killed as it drops.
+                        *guest = Guest::spawn(config.clone())?;
+                    }
+                    Err(Boot::Panicked(_)) => {
+                        return Err(guest
+                            .error(&format!("the kernel panicked at boot, {BOOT_ATTEMPTS} times")))
+                    }
+                    Err(Boot::Failed(error)) => return Err(error),
+                }
+            }
         }
         guests.try_into().map_err(|_| anyhow!("booted a different number of guests than asked"))
     }
@@ -352,6 +414,7 @@ impl Guest {
             .stderr(Stdio::piped());
         isolate(&mut command);
         without_xstate_ptrace(&mut command);
+        without_address_randomization(&mut command);
         let mut child = command.spawn().with_context(|| format!("starting UML guest {name}"))?;
 
         let console = Arc::new(Console::default());
@@ -374,11 +437,22 @@ impl Guest {
         })
     }
 
-    fn wait_ready(&mut self) -> Result<()> {
+    /// Waits for init's ready marker, and stops waiting early when the kernel panics (UML
+    /// then spins rather than exit).
+    fn wait_ready(&mut self) -> Result<(), Boot> {
         let deadline = Instant::now() + self.boot_timeout;
-        self.console
-            .wait_for(deadline, |text| text.contains(READY_MARKER).then_some(()))
-            .map_err(|err| self.error(&format!("boot did not finish: {err}")))
+        let found = self.console.wait_for(deadline, |text| {
+            if text.contains(READY_MARKER) {
+                return Some(None);
+            }
+            let panic = text.lines().find(|line| line.contains(PANIC_MARKER))?;
+            Some(Some(panic.trim().to_owned()))
+        });
+        match found {
+            Ok(None) => Ok(()),
+            Ok(Some(panic)) => Err(Boot::Panicked(panic)),
+            Err(err) => Err(Boot::Failed(self.error(&format!("boot did not finish: {err}")))),
+        }
     }
 
     /// The guest's name.
@@ -532,9 +606,29 @@ fn parse_ping(output: &str) -> Option<PingStats> {
     Some(PingStats { transmitted: numbers.next()??, received: numbers.next()?? })
 }
 
-/// Keeps glibc in the guest off AVX, whose registers UML no longer saves in full.
+/// Keeps glibc in the guest off AVX, whose registers UML no longer saves in full; with these,
+/// every string function glibc 2.36 has picks its SSE2 or SSE4.2 version.
 pub const GUEST_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,\
-    -AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-EVEX,-FMA,-AVX_VNNI";
+    -AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-EVEX,-FMA,-AVX_VNNI,-AVX_Fast_Unaligned_Load";
+
+/// Starts `command` (and what it runs) with address-space randomization off; see "Memory" in
+/// the module docs of [`crate::guest`].
+pub fn without_address_randomization(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+
+    // SAFETY: the closure runs between fork and exec and makes only personality(2) calls.
+    unsafe {
+        command.pre_exec(|| {
+            // 0xffff_ffff reads the persona without changing it.
+            let current = libc::personality(0xffff_ffff);
+            let wanted = current as libc::c_ulong | libc::ADDR_NO_RANDOMIZE as libc::c_ulong;
+            if current == -1 || libc::personality(wanted) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
 
 /// Makes `command` and its children see `ptrace(PTRACE_GETREGSET or PTRACE_SETREGSET, pid,
 /// NT_X86_XSTATE, ..)` fail with `EIO`, so UML uses the FXSAVE area instead; see "Hosts with
