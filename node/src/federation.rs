@@ -33,6 +33,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// 1500-byte frames, far more queueing than a switch should add.
 const DATAGRAM_SEND_BUFFER: usize = 256 * 1024;
 
+/// The largest UDP payload a 1500-byte Ethernet link carries over IPv4: 1500 less the IPv4
+/// and UDP headers.
+const MAX_UDP_PAYLOAD_IPV4_ETHERNET: u16 = 1500 - 20 - 8;
+
 /// Loads the identity and opens the QUIC endpoint, or returns `None` when the node has no
 /// identity and none was asked for.
 pub(crate) fn start(
@@ -164,6 +168,12 @@ fn transport() -> quinn::TransportConfig {
         transport.max_idle_timeout(Some(idle));
     }
     transport.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
+    // Path MTU discovery may climb to a full IPv4 Ethernet payload (quinn stops at 1452, which
+    // also fits IPv6): 20 more bytes in every datagram, and in every TCP segment the MSS clamp
+    // allows. Over IPv6 the probes above 1452 are lost and discovery settles below them.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD_IPV4_ETHERNET);
+    transport.mtu_discovery_config(Some(mtu));
     transport
 }
 

@@ -579,17 +579,18 @@ impl Federation {
         let mut reassembly = Reassembly::default();
         let mut last_warning: Option<Instant> = None;
         while let Ok(datagram) = connection.read_datagram().await {
-            let now = Instant::now();
             let frame = match Datagram::parse(&datagram) {
-                Ok(Datagram::Frame { net, frame }) => Some((net, frame.to_vec())),
+                Ok(Datagram::Frame { net, frame }) => Some((net, datagram.slice_ref(frame))),
                 Ok(Datagram::Fragment { net, id: frame_id, index, count, data }) => {
+                    // Whole frames, the common case, need no clock.
+                    let now = Instant::now();
                     let result = reassembly.add(net, frame_id, index, count, data, now);
                     if let Some(deadline) = now.checked_sub(REASSEMBLY_TIMEOUT) {
                         reassembly.expire(deadline);
                     }
                     stats.reassembly.store(reassembly.abandoned, Ordering::Relaxed);
                     match result {
-                        Reassembled::Frame { net, frame } => Some((net, frame)),
+                        Reassembled::Frame { net, frame } => Some((net, frame.into())),
                         Reassembled::Incomplete => None,
                         Reassembled::Inconsistent => {
                             add(&stats.malformed, 1);
@@ -599,6 +600,7 @@ impl Federation {
                 }
                 Err(error) => {
                     add(&stats.malformed, 1);
+                    let now = Instant::now();
                     if last_warning.is_none_or(|t| now.duration_since(t) > WARN_INTERVAL) {
                         last_warning = Some(now);
                         tracing::warn!(peer = %name, %error, "dropped a malformed datagram");

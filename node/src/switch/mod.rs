@@ -164,11 +164,11 @@ pub(crate) enum Command {
     DropPeer {
         peer: PeerId,
     },
-    /// A frame a peer sent for network `net`.
+    /// A frame a peer sent for network `net`: a slice of the datagram it came in, uncopied.
     PeerFrame {
         peer: PeerId,
         net: NetworkId,
-        frame: Vec<u8>,
+        frame: bytes::Bytes,
     },
     /// Starts a capture.
     Capture(Capture),
