@@ -99,6 +99,14 @@ impl PeerStats {
 }
 
 /// The switch's end of a peer port: sends frames of one network as datagrams.
+///
+/// quinn queues datagrams until its congestion controller lets them out, and drops the oldest
+/// when the queue is full. A node reading a tap faster than the connection sends would lose
+/// frames that way, and the TCP connections inside would take it as congestion loss. So a
+/// frame that does not fit in the queue goes to a task that waits for room, and until it is
+/// through, every port of the peer answers "would block": the switch queues their frames and
+/// pauses the ports sending to them, as it does for a slow local client. The task then asks
+/// the switch to flush the peer's ports.
 #[derive(Debug)]
 pub(crate) struct PeerLink {
     connection: quinn::Connection,
@@ -107,15 +115,24 @@ pub(crate) struct PeerLink {
     clamp_mss: Arc<AtomicBool>,
     /// A SYN with its MSS lowered, sent in place of the switch's frame.
     clamped: Vec<u8>,
+    /// Set while a frame waits for room in quinn's queue; shared by the peer's ports.
+    blocked: Arc<AtomicBool>,
+    peer: PeerId,
+    switch: switch::Handle,
 }
 
 impl PeerLink {
-    pub(crate) fn new(
-        connection: quinn::Connection,
-        stats: Arc<PeerStats>,
-        clamp_mss: Arc<AtomicBool>,
-    ) -> Self {
-        PeerLink { connection, next_id: 0, stats, clamp_mss, clamped: Vec::new() }
+    fn new(factory: &PeerLinkFactory) -> Self {
+        PeerLink {
+            connection: factory.connection.clone(),
+            next_id: 0,
+            stats: factory.stats.clone(),
+            clamp_mss: factory.clamp_mss.clone(),
+            clamped: Vec::new(),
+            blocked: factory.blocked.clone(),
+            peer: factory.peer,
+            switch: factory.switch.clone(),
+        }
     }
 
     /// Sends `frame` of network `net`, in fragments if the path's datagrams are too small.
@@ -126,12 +143,17 @@ impl PeerLink {
                 add(&self.stats.tx_frames, 1);
                 add(&self.stats.tx_bytes, frame.len() as u64);
             }
+            // The frame waits in the port's queue.
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => add(&self.stats.send_failed, 1),
         }
         result
     }
 
     fn try_send(&mut self, net: NetworkId, frame: &[u8]) -> io::Result<usize> {
+        if self.blocked.load(Ordering::Acquire) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         let Some(max) = self.connection.max_datagram_size() else {
             return Err(io::Error::other("the peer does not accept datagrams"));
         };
@@ -142,18 +164,40 @@ impl PeerLink {
         } else {
             frame
         };
-        let mut failed = None;
-        let connection = &self.connection;
-        encode(net, self.next_id, frame, max, |datagram| {
-            if failed.is_none() {
-                failed = connection.send_datagram(Bytes::from(datagram)).err();
-            }
-        })
-        .map_err(io::Error::other)?;
-        match failed {
-            Some(error) => Err(io::Error::other(error)),
-            None => Ok(frame.len()),
+        let mut datagrams = Vec::with_capacity(1);
+        encode(net, self.next_id, frame, max, |datagram| datagrams.push(Bytes::from(datagram)))
+            .map_err(io::Error::other)?;
+        let sent = frame.len();
+        let len: usize = datagrams.iter().map(Bytes::len).sum();
+        if len > self.connection.datagram_send_buffer_space() {
+            self.wait_for_room(datagrams);
+            return Ok(sent);
         }
+        for datagram in datagrams {
+            self.connection.send_datagram(datagram).map_err(io::Error::other)?;
+        }
+        Ok(sent)
+    }
+
+    /// Sends `datagrams` once quinn's queue has room for them, holding the peer's other frames
+    /// back meanwhile; then has the switch send what it held.
+    fn wait_for_room(&self, datagrams: Vec<Bytes>) {
+        self.blocked.store(true, Ordering::Release);
+        let connection = self.connection.clone();
+        let blocked = self.blocked.clone();
+        let stats = self.stats.clone();
+        let (peer, switch) = (self.peer, self.switch.clone());
+        tokio::spawn(async move {
+            for datagram in datagrams {
+                if connection.send_datagram_wait(datagram).await.is_err() {
+                    // The connection is closing: the peer's ports go with it.
+                    add(&stats.send_failed, 1);
+                    break;
+                }
+            }
+            blocked.store(false, Ordering::Release);
+            switch.send(Command::PeerDrained { peer });
+        });
     }
 }
 
@@ -208,6 +252,8 @@ struct Live {
     /// The peer's instance number, from its hello.
     instance: u64,
     since: Instant,
+    /// Set while one of the peer's frames waits for room in quinn's queue (see [`PeerLink`]).
+    blocked: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Default)]
@@ -448,7 +494,9 @@ impl Federation {
                 self.switch.send(Command::DropPeer { peer: old.id });
             }
             let since = Instant::now();
-            let live = Live { id, connection: connection.clone(), dialer, instance, since };
+            let blocked = Arc::new(AtomicBool::new(false));
+            let live =
+                Live { id, connection: connection.clone(), dialer, instance, since, blocked };
             entry.live = Some(live);
             entry.remote.clear();
             entry.last_error = None;
@@ -559,6 +607,9 @@ impl Federation {
                 connection: live.connection.clone(),
                 stats: entry.stats.clone(),
                 clamp_mss: self.settings.clamp_mss.clone(),
+                blocked: live.blocked.clone(),
+                peer: live.id,
+                switch: self.switch.clone(),
             },
             nets,
         });
@@ -759,11 +810,14 @@ pub(crate) struct PeerLinkFactory {
     connection: quinn::Connection,
     stats: Arc<PeerStats>,
     clamp_mss: Arc<AtomicBool>,
+    blocked: Arc<AtomicBool>,
+    peer: PeerId,
+    switch: switch::Handle,
 }
 
 impl PeerLinkFactory {
     pub(crate) fn link(&self) -> PeerLink {
-        PeerLink::new(self.connection.clone(), self.stats.clone(), self.clamp_mss.clone())
+        PeerLink::new(self)
     }
 
     pub(crate) fn stats(&self) -> &Arc<PeerStats> {

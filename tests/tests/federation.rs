@@ -609,13 +609,19 @@ fn listed_inbound_refuses_other_nodes_and_crossed_dials_keep_one_connection() ->
 /// returning the MSS the client's connection settled on and the bytes the server had received
 /// when the client had sent its last.
 fn iperf3_tcp(client: &Netns, server: &Netns, address: &str) -> Result<(u64, u64)> {
+    iperf3(client, server, address, &["-n", "4M"])
+}
+
+/// Runs iperf3 with `args` from `client` to a server at `address` in `server`: the MSS the
+/// client chose and the bytes the server received.
+fn iperf3(client: &Netns, server: &Netns, address: &str, args: &[&str]) -> Result<(u64, u64)> {
     let mut daemon = server.command("iperf3")?;
     daemon.args(["-s", "-1", "-p", "5201", "-B", address]).stdout(Stdio::null());
     let mut daemon = daemon.spawn().context("starting iperf3 (Debian package iperf3)")?;
     // The server may not listen yet: the client then fails to connect at once, and tries again.
     let result = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
         let mut command = client.command("iperf3")?;
-        command.args(["-c", address, "-p", "5201", "-n", "4M", "-J"]);
+        command.args(["-c", address, "-p", "5201", "-J"]).args(args);
         let output = run(&mut command, Duration::from_secs(30))?;
         let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
         Ok(output.status.success().then_some(report).filter(|r| r["error"].is_null()))
@@ -669,5 +675,47 @@ fn tcp_syns_to_a_peer_announce_segments_that_fit_one_datagram() -> Result<()> {
     assert!(received > 1 << 20, "TCP did not cross with clamping off: {received} bytes");
     assert_eq!(mss, 1448, "the client's MSS with clamping off on b");
     assert_eq!(clamped(&b, "a")?.0, b_clamped, "b clamped a SYN after it was told not to");
+    Ok(())
+}
+
+#[test]
+fn a_tcp_flood_from_a_tap_is_paced_by_the_peer_not_dropped() -> Result<()> {
+    let ca = Ca::new("pace")?;
+    let underlay = Underlay::new(&["a", "b"], 1500)?;
+    // Only a dials, so one connection carries the whole run (crossed dials settle on one,
+    // which may replace the first while traffic flows).
+    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[(1, "b")], NETWORKS)?;
+    let b = underlay.start_node(1, &ca.issue("b", 30)?, &[], NETWORKS)?;
+    wait_connected(&a, &["b"])?;
+    wait_connected(&b, &["a"])?;
+    a.cli_ok(&["port", "add", "tap", "pacea", "--net", "100"])?;
+    b.cli_ok(&["port", "add", "tap", "paceb", "--net", "100"])?;
+    underlay.hosts[0].addr("pacea", "10.0.0.1/24")?;
+    underlay.hosts[1].addr("paceb", "10.0.0.2/24")?;
+    assert!(underlay.hosts[0].ping_ok("10.0.0.2")?, "the taps cannot reach each other");
+
+    // Four streams from a tap hand the node super-frames faster than one QUIC connection
+    // sends them: the node must hold the tap back rather than lose what it read.
+    let args = ["-P", "4", "-n", "64M"];
+    let (_, received) = iperf3(&underlay.hosts[0], &underlay.hosts[1], "10.0.0.2", &args)?;
+    assert!(received > 48 << 20, "TCP did not cross: {received} bytes");
+    let peer_port = |node: &Node| -> Result<serde_json::Value> {
+        let ports = node.cli_json(&["port", "list"])?;
+        let found = ports.as_array().into_iter().flatten().find(|p| p["kind"] == "peer");
+        found.cloned().context("no peer port")
+    };
+    let (sent, received) = (peer_port(&a)?, peer_port(&b)?);
+    let tx = counter(&sent, &["counters", "tx_frames"]);
+    let rx = counter(&received, &["counters", "rx_frames"]);
+    let queue_full = counter(&sent, &["counters", "drops", "queue_full"]);
+    let peers = a.cli_json(&["peer", "list"])?;
+    let failed = counter(peer(&peers, "b").context("peer gone")?, &["counters", "send_failed"]);
+    eprintln!("a sent {tx} frames to b, b received {rx}; queue-full {queue_full}");
+    assert!(tx > 40_000, "too few frames crossed to tell: {tx}");
+    assert!(queue_full * 100 <= tx, "a dropped {queue_full} of {tx} frames at its peer port");
+    assert_eq!(failed, 0, "a failed to send to b");
+    // What a sent and b never got was lost on the way: in the underlay's socket buffers, not
+    // in a (whose datagram queue would silently drop the oldest if a overran it).
+    assert!(tx - rx.min(tx) <= tx / 20, "a sent {tx} frames, b received {rx}");
     Ok(())
 }

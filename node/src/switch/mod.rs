@@ -164,6 +164,10 @@ pub(crate) enum Command {
     DropPeer {
         peer: PeerId,
     },
+    /// A peer's connection has room for datagrams again: send what its ports hold.
+    PeerDrained {
+        peer: PeerId,
+    },
     /// A frame a peer sent for network `net`: a slice of the datagram it came in, uncopied.
     PeerFrame {
         peer: PeerId,
@@ -574,12 +578,17 @@ impl Switch {
         Ok(count == BATCH)
     }
 
-    /// Up to one batch of frames from a device port, one read each.
+    /// Up to one batch of frames from a device port, one read each. A read may bring a TCP
+    /// super-frame of dozens of segments, so the port stops reading as soon as one of them
+    /// congests a port and pauses this one: a batch of them would overrun any queue.
     fn receive_device(&mut self, id: PortId, fd: RawFd) -> io::Result<bool> {
         let now = Instant::now();
         let mut buffer = std::mem::take(&mut self.device_buffer);
         let mut outcome = Ok(true);
         for _ in 0..BATCH {
+            if self.ports.get(&id).is_none_or(|port| port.paused) {
+                break;
+            }
             match sys::read(fd, &mut buffer) {
                 Ok(len) => {
                     let (header, frame) = buffer[..len].split_at_mut(VNET_HEADER_LEN.min(len));
@@ -1046,6 +1055,17 @@ impl Switch {
                     self.peer_stats.remove(&peer);
                 }
                 Command::PeerFrame { peer, net, frame } => self.peer_frame(peer, net, &frame),
+                Command::PeerDrained { peer } => {
+                    let ports: Vec<PortId> = self
+                        .peer_ports
+                        .iter()
+                        .filter(|((of, _), _)| *of == peer)
+                        .map(|(_, &id)| id)
+                        .collect();
+                    for id in ports {
+                        self.flush(id);
+                    }
+                }
                 Command::SetGuestPolicy { networks } => self.config.guest_networks = networks,
                 Command::Capture(capture) => {
                     tracing::info!(net = capture.net, port = capture.port, "capture started");
