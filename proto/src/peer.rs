@@ -2,7 +2,7 @@
 //!
 //! Frames travel as QUIC datagrams, one frame per datagram when it fits and in fragments when
 //! it does not (a 1514-byte frame never fits the 1162 bytes of a datagram on a fresh path, nor
-//! the 1414 of a 1500-byte underlay after MTU discovery):
+//! the 1434 of a 1500-byte IPv4 underlay after MTU discovery):
 //!
 //! | offset | size | whole frame ([`FRAME`]) | fragment ([`FRAGMENT`]) |
 //! |---|---|---|---|
