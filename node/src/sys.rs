@@ -391,6 +391,46 @@ fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T)
     Ok(())
 }
 
+/// Sets a receive buffer of `bytes` on socket `fd` and returns the size the kernel granted,
+/// which counts its own overhead. With `CAP_NET_ADMIN` the size is set as asked; without it
+/// the kernel caps it at `net.core.rmem_max`.
+pub(crate) fn set_receive_buffer(fd: &impl AsRawFd, bytes: usize) -> io::Result<usize> {
+    let fd = fd.as_raw_fd();
+    let wanted = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let size = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let set = |option: libc::c_int| {
+        // SAFETY: `wanted` is a live c_int and `size` its size.
+        check(unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                &wanted as *const libc::c_int as *const libc::c_void,
+                size,
+            )
+        })
+    };
+    if let Err(error) = set(libc::SO_RCVBUFFORCE) {
+        if error.raw_os_error() != Some(libc::EPERM) {
+            return Err(error);
+        }
+        set(libc::SO_RCVBUF)?;
+    }
+    let mut granted: libc::c_int = 0;
+    let mut len = size;
+    // SAFETY: `granted` and `len` are live and `len` holds the size of `granted`.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &mut granted as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    })?;
+    Ok(usize::try_from(granted).unwrap_or(0))
+}
+
 /// A packet socket on interface `name` for a NIC port: every frame on the wire, in either
 /// direction, each prefixed with a virtio header and accompanied by auxiliary data; the
 /// interface is promiscuous for as long as the socket is open. Frames the socket sends itself
@@ -612,6 +652,15 @@ mod tests {
         let (second, info) = batch.get(1);
         assert_eq!((second.len(), info.truncated), (16, true));
         assert_eq!(batch.receive(b.as_raw_fd()).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_receive_buffer_is_granted_as_asked_with_cap_net_admin() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // The tests run as root. 16 MiB is above net.core.rmem_max on the usual hosts, and the
+        // kernel grants twice what was asked, for its overhead.
+        let granted = set_receive_buffer(&socket, 16 << 20).unwrap();
+        assert!(granted >= 16 << 20, "granted {granted}");
     }
 
     #[test]
