@@ -266,6 +266,8 @@ struct Entry {
     dialer: Option<tokio::task::AbortHandle>,
     /// Woken when the live connection closes, so the dialer dials again.
     closed: Arc<Notify>,
+    /// Woken when a connection goes live, so a dial still under way is given up.
+    opened: Arc<Notify>,
 }
 
 /// The federation state a node shares between its tasks.
@@ -347,7 +349,8 @@ impl Federation {
         if let Some(dialer) = entry.dialer.take() {
             dialer.abort();
         }
-        let task = tokio::spawn(self.clone().dial(name.to_string(), entry.closed.clone()));
+        let (closed, opened) = (entry.closed.clone(), entry.opened.clone());
+        let task = tokio::spawn(self.clone().dial(name.to_string(), closed, opened));
         entry.dialer = Some(task.abort_handle());
     }
 
@@ -373,7 +376,7 @@ impl Federation {
         }
     }
 
-    async fn dial(self: Arc<Self>, name: String, closed: Arc<Notify>) {
+    async fn dial(self: Arc<Self>, name: String, closed: Arc<Notify>, opened: Arc<Notify>) {
         let mut backoff = BACKOFF_MIN;
         loop {
             let address = self.peers().get(&name).and_then(|e| e.address.clone());
@@ -381,13 +384,27 @@ impl Federation {
             let notified = closed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let connected = opened.notified();
+            tokio::pin!(connected);
+            connected.as_mut().enable();
             if self.peers().get(&name).is_some_and(|e| e.live.is_some()) {
                 // Connected by the peer's dial; dial again when that connection goes.
                 notified.await;
                 continue;
             }
 
-            match self.dial_once(&name, &address).await {
+            // The peer's dial may connect while ours is still under way (its first packets
+            // lost while the peer was not yet listening, say). Ours is then given up before
+            // its handshake ends: finished, it would replace a connection already carrying
+            // frames whenever this node's name sorts first.
+            let attempt = tokio::select! {
+                attempt = self.dial_once(&name, &address) => attempt,
+                () = connected.as_mut() => {
+                    tracing::debug!(peer = %name, "the peer connected first; dial given up");
+                    continue;
+                }
+            };
+            match attempt {
                 Ok(connection) => {
                     let started = Instant::now();
                     // Returns when the connection closes, or at once if it is refused.
@@ -498,6 +515,7 @@ impl Federation {
             let live =
                 Live { id, connection: connection.clone(), dialer, instance, since, blocked };
             entry.live = Some(live);
+            entry.opened.notify_waiters();
             entry.remote.clear();
             entry.last_error = None;
             entry.stats.clone()

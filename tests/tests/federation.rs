@@ -682,10 +682,10 @@ fn tcp_syns_to_a_peer_announce_segments_that_fit_one_datagram() -> Result<()> {
 fn a_tcp_flood_from_a_tap_is_paced_by_the_peer_not_dropped() -> Result<()> {
     let ca = Ca::new("pace")?;
     let underlay = Underlay::new(&["a", "b"], 1500)?;
-    // Only a dials, so one connection carries the whole run (crossed dials settle on one,
-    // which may replace the first while traffic flows).
+    // Both dial, and a's first packets may reach b before b listens: whichever dial connects
+    // first carries the whole run, the other is given up rather than replace it.
     let a = underlay.start_node(0, &ca.issue("a", 30)?, &[(1, "b")], NETWORKS)?;
-    let b = underlay.start_node(1, &ca.issue("b", 30)?, &[], NETWORKS)?;
+    let b = underlay.start_node(1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
     wait_connected(&a, &["b"])?;
     wait_connected(&b, &["a"])?;
     a.cli_ok(&["port", "add", "tap", "pacea", "--net", "100"])?;
@@ -717,5 +717,9 @@ fn a_tcp_flood_from_a_tap_is_paced_by_the_peer_not_dropped() -> Result<()> {
     // What a sent and b never got was lost on the way: in the underlay's socket buffers, not
     // in a (whose datagram queue would silently drop the oldest if a overran it).
     assert!(tx - rx.min(tx) <= tx / 20, "a sent {tx} frames, b received {rx}");
+    for node in [&a, &b] {
+        let log = node.log();
+        assert_eq!(log.matches("peer connected peer=").count(), 1, "connections:\n{log}");
+    }
     Ok(())
 }
