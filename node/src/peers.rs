@@ -109,95 +109,56 @@ impl PeerStats {
 /// the switch to flush the peer's ports.
 #[derive(Debug)]
 pub(crate) struct PeerLink {
-    connection: quinn::Connection,
+    /// What the peer's ports share: its connection, counters and settings.
+    shared: PeerLinkFactory,
     next_id: u32,
-    pub(crate) stats: Arc<PeerStats>,
-    clamp_mss: Arc<AtomicBool>,
     /// A SYN with its MSS lowered, sent in place of the switch's frame.
     clamped: Vec<u8>,
-    /// Set while a frame waits for room in quinn's queue; shared by the peer's ports.
-    blocked: Arc<AtomicBool>,
-    peer: PeerId,
-    switch: switch::Handle,
 }
 
 impl PeerLink {
-    fn new(factory: &PeerLinkFactory) -> Self {
-        PeerLink {
-            connection: factory.connection.clone(),
-            next_id: 0,
-            stats: factory.stats.clone(),
-            clamp_mss: factory.clamp_mss.clone(),
-            clamped: Vec::new(),
-            blocked: factory.blocked.clone(),
-            peer: factory.peer,
-            switch: factory.switch.clone(),
-        }
-    }
-
     /// Sends `frame` of network `net`, in fragments if the path's datagrams are too small.
     pub(crate) fn send(&mut self, net: NetworkId, frame: &[u8]) -> io::Result<usize> {
         let result = self.try_send(net, frame);
         match &result {
             Ok(_) => {
-                add(&self.stats.tx_frames, 1);
-                add(&self.stats.tx_bytes, frame.len() as u64);
+                add(&self.shared.stats.tx_frames, 1);
+                add(&self.shared.stats.tx_bytes, frame.len() as u64);
             }
             // The frame waits in the port's queue.
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => add(&self.stats.send_failed, 1),
+            Err(_) => add(&self.shared.stats.send_failed, 1),
         }
         result
     }
 
     fn try_send(&mut self, net: NetworkId, frame: &[u8]) -> io::Result<usize> {
-        if self.blocked.load(Ordering::Acquire) {
+        let shared = &self.shared;
+        if shared.blocked.load(Ordering::Acquire) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let Some(max) = self.connection.max_datagram_size() else {
+        let Some(max) = shared.connection.max_datagram_size() else {
             return Err(io::Error::other("the peer does not accept datagrams"));
         };
         self.next_id = self.next_id.wrapping_add(1);
         let room = max.saturating_sub(FRAME_HEADER_LEN);
-        let frame = if self.clamp_mss.load(Ordering::Relaxed) {
-            clamp(frame, room, &mut self.clamped, &self.stats)
+        let frame = if shared.clamp_mss.load(Ordering::Relaxed) {
+            clamp(frame, room, &mut self.clamped, &shared.stats)
         } else {
             frame
         };
         let mut datagrams = Vec::with_capacity(1);
         encode(net, self.next_id, frame, max, |datagram| datagrams.push(Bytes::from(datagram)))
             .map_err(io::Error::other)?;
-        let sent = frame.len();
         let len: usize = datagrams.iter().map(Bytes::len).sum();
-        if len > self.connection.datagram_send_buffer_space() {
-            self.wait_for_room(datagrams);
-            return Ok(sent);
+        if len > shared.connection.datagram_send_buffer_space() {
+            shared.wait_for_room(datagrams);
+            return Ok(frame.len());
         }
         for datagram in datagrams {
-            self.connection.send_datagram(datagram).map_err(io::Error::other)?;
+            shared.connection.send_datagram(datagram).map_err(io::Error::other)?;
         }
-        Ok(sent)
-    }
-
-    /// Sends `datagrams` once quinn's queue has room for them, holding the peer's other frames
-    /// back meanwhile; then has the switch send what it held.
-    fn wait_for_room(&self, datagrams: Vec<Bytes>) {
-        self.blocked.store(true, Ordering::Release);
-        let connection = self.connection.clone();
-        let blocked = self.blocked.clone();
-        let stats = self.stats.clone();
-        let (peer, switch) = (self.peer, self.switch.clone());
-        tokio::spawn(async move {
-            for datagram in datagrams {
-                if connection.send_datagram_wait(datagram).await.is_err() {
-                    // The connection is closing: the peer's ports go with it.
-                    add(&stats.send_failed, 1);
-                    break;
-                }
-            }
-            blocked.store(false, Ordering::Release);
-            switch.send(Command::PeerDrained { peer });
-        });
+        Ok(frame.len())
     }
 }
 
@@ -822,12 +783,14 @@ impl Federation {
     }
 }
 
-/// What the switch needs to make the links of a peer's ports.
+/// What the switch needs to make the links of a peer's ports, and what those links share.
 #[derive(Debug, Clone)]
 pub(crate) struct PeerLinkFactory {
     connection: quinn::Connection,
     stats: Arc<PeerStats>,
+    /// The policy's `clamp_mss` (see [`Settings::clamp_mss`]).
     clamp_mss: Arc<AtomicBool>,
+    /// Set while a frame waits for room in quinn's queue (see [`PeerLink`]).
     blocked: Arc<AtomicBool>,
     peer: PeerId,
     switch: switch::Handle,
@@ -835,7 +798,25 @@ pub(crate) struct PeerLinkFactory {
 
 impl PeerLinkFactory {
     pub(crate) fn link(&self) -> PeerLink {
-        PeerLink::new(self)
+        PeerLink { shared: self.clone(), next_id: 0, clamped: Vec::new() }
+    }
+
+    /// Sends `datagrams` once quinn's queue has room for them, holding the peer's other frames
+    /// back meanwhile; then has the switch send what it held.
+    fn wait_for_room(&self, datagrams: Vec<Bytes>) {
+        self.blocked.store(true, Ordering::Release);
+        let shared = self.clone();
+        tokio::spawn(async move {
+            for datagram in datagrams {
+                if shared.connection.send_datagram_wait(datagram).await.is_err() {
+                    // The connection is closing: the peer's ports go with it.
+                    add(&shared.stats.send_failed, 1);
+                    break;
+                }
+            }
+            shared.blocked.store(false, Ordering::Release);
+            shared.switch.send(Command::PeerDrained { peer: shared.peer });
+        });
     }
 
     pub(crate) fn stats(&self) -> &Arc<PeerStats> {

@@ -377,7 +377,12 @@ pub(crate) fn interface_mac(name: &str) -> io::Result<[u8; 6]> {
     Ok(mac)
 }
 
-fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+fn set_option<T>(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
     // SAFETY: value points at a live T and the length passed is its size.
     check(unsafe {
         libc::setsockopt(
@@ -395,33 +400,19 @@ fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T)
 /// which counts its own overhead. With `CAP_NET_ADMIN` the size is set as asked; without it
 /// the kernel caps it at `net.core.rmem_max`.
 pub(crate) fn set_receive_buffer(fd: &impl AsRawFd, bytes: usize) -> io::Result<usize> {
-    let fd = fd.as_raw_fd();
     let wanted = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    let size = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    let set = |option: libc::c_int| {
-        // SAFETY: `wanted` is a live c_int and `size` its size.
-        check(unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                option,
-                &wanted as *const libc::c_int as *const libc::c_void,
-                size,
-            )
-        })
-    };
-    if let Err(error) = set(libc::SO_RCVBUFFORCE) {
+    if let Err(error) = set_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &wanted) {
         if error.raw_os_error() != Some(libc::EPERM) {
             return Err(error);
         }
-        set(libc::SO_RCVBUF)?;
+        set_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &wanted)?;
     }
     let mut granted: libc::c_int = 0;
-    let mut len = size;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `granted` and `len` are live and `len` holds the size of `granted`.
     check(unsafe {
         libc::getsockopt(
-            fd,
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVBUF,
             &mut granted as *mut libc::c_int as *mut libc::c_void,

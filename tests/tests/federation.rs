@@ -12,7 +12,7 @@ use umnet_tests::cluster::{
 };
 use umnet_tests::process::run;
 use umnet_tests::{
-    mac, umnet_bin, wait_for, Guest, GuestConfig, Netns, Node, NodeOptions, TempDir, TestPeer,
+    mac, umnet_bin, wait_for, Guest, GuestConfig, Node, NodeOptions, TempDir, TestPeer,
 };
 
 #[test]
@@ -605,48 +605,63 @@ fn listed_inbound_refuses_other_nodes_and_crossed_dials_keep_one_connection() ->
     Ok(())
 }
 
-/// Runs one bounded iperf3 TCP test from `client` to the server at `address` on `server`,
-/// returning the MSS the client's connection settled on and the bytes the server had received
-/// when the client had sent its last.
-fn iperf3_tcp(client: &Netns, server: &Netns, address: &str) -> Result<(u64, u64)> {
-    iperf3(client, server, address, &["-n", "4M"])
+/// Two hosts on a 1500-byte underlay whose nodes dial each other, with a tap on network 100
+/// on each: `{label}a` with 10.0.0.1 on host a, `{label}b` with 10.0.0.2 on host b.
+struct TapPair {
+    // Fields drop in order: the nodes before their namespaces and identities.
+    a: Node,
+    b: Node,
+    underlay: Underlay,
+    _ca: Ca,
 }
 
-/// Runs iperf3 with `args` from `client` to a server at `address` in `server`: the MSS the
-/// client chose and the bytes the server received.
-fn iperf3(client: &Netns, server: &Netns, address: &str, args: &[&str]) -> Result<(u64, u64)> {
-    let mut daemon = server.command("iperf3")?;
-    daemon.args(["-s", "-1", "-p", "5201", "-B", address]).stdout(Stdio::null());
-    let mut daemon = daemon.spawn().context("starting iperf3 (Debian package iperf3)")?;
-    // The server may not listen yet: the client then fails to connect at once, and tries again.
-    let result = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
-        let mut command = client.command("iperf3")?;
-        command.args(["-c", address, "-p", "5201", "-J"]).args(args);
-        let output = run(&mut command, Duration::from_secs(30))?;
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
-        Ok(output.status.success().then_some(report).filter(|r| r["error"].is_null()))
-    });
-    let _ = daemon.kill();
-    let _ = daemon.wait();
-    let report = result.context("iperf3 never completed a test")?;
-    let mss = counter(&report, &["start", "tcp_mss_default"]);
-    let received = counter(&report, &["end", "sum_received", "bytes"]);
-    Ok((mss, received))
+impl TapPair {
+    fn new(label: &str) -> Result<TapPair> {
+        let ca = Ca::new(label)?;
+        let underlay = Underlay::new(&["a", "b"], 1500)?;
+        let a = underlay.start_node(0, &ca.issue("a", 30)?, &[(1, "b")], NETWORKS)?;
+        let b = underlay.start_node(1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
+        wait_connected(&a, &["b"])?;
+        wait_connected(&b, &["a"])?;
+        for (i, node) in [&a, &b].into_iter().enumerate() {
+            let tap = format!("{label}{}", ["a", "b"][i]);
+            node.cli_ok(&["port", "add", "tap", &tap, "--net", "100"])?;
+            underlay.hosts[i].addr(&tap, &format!("10.0.0.{}/24", i + 1))?;
+        }
+        assert!(underlay.hosts[0].ping_ok("10.0.0.2")?, "the taps cannot reach each other");
+        Ok(TapPair { a, b, underlay, _ca: ca })
+    }
+
+    /// Runs iperf3 with `args` from a's tap to b's: the MSS the client chose and the bytes the
+    /// server received.
+    fn iperf3(&self, args: &[&str]) -> Result<(u64, u64)> {
+        let (client, server, address) =
+            (&self.underlay.hosts[0], &self.underlay.hosts[1], "10.0.0.2");
+        let mut daemon = server.command("iperf3")?;
+        daemon.args(["-s", "-1", "-p", "5201", "-B", address]).stdout(Stdio::null());
+        let mut daemon = daemon.spawn().context("starting iperf3 (Debian package iperf3)")?;
+        // The server may not listen yet: the client then fails to connect at once, and tries
+        // again.
+        let result = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
+            let mut command = client.command("iperf3")?;
+            command.args(["-c", address, "-p", "5201", "-J"]).args(args);
+            let output = run(&mut command, Duration::from_secs(30))?;
+            let report: serde_json::Value =
+                serde_json::from_slice(&output.stdout).unwrap_or_default();
+            Ok(output.status.success().then_some(report).filter(|r| r["error"].is_null()))
+        });
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        let report = result.context("iperf3 never completed a test")?;
+        let mss = counter(&report, &["start", "tcp_mss_default"]);
+        let received = counter(&report, &["end", "sum_received", "bytes"]);
+        Ok((mss, received))
+    }
 }
 
 #[test]
 fn tcp_syns_to_a_peer_announce_segments_that_fit_one_datagram() -> Result<()> {
-    let ca = Ca::new("mss")?;
-    let underlay = Underlay::new(&["a", "b"], 1500)?;
-    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[(1, "b")], NETWORKS)?;
-    let mut b = underlay.start_node(1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
-    wait_connected(&a, &["b"])?;
-    wait_connected(&b, &["a"])?;
-    a.cli_ok(&["port", "add", "tap", "mssa", "--net", "100"])?;
-    b.cli_ok(&["port", "add", "tap", "mssb", "--net", "100"])?;
-    underlay.hosts[0].addr("mssa", "10.0.0.1/24")?;
-    underlay.hosts[1].addr("mssb", "10.0.0.2/24")?;
-    assert!(underlay.hosts[0].ping_ok("10.0.0.2")?, "the taps cannot reach each other");
+    let mut pair = TapPair::new("mss")?;
     let clamped = |node: &Node, name: &str| -> Result<(u64, u64)> {
         let peers = node.cli_json(&["peer", "list"])?;
         let entry = peer(&peers, name).context("peer gone")?;
@@ -655,9 +670,9 @@ fn tcp_syns_to_a_peer_announce_segments_that_fit_one_datagram() -> Result<()> {
 
     // Both SYNs cross a peer, and each end hears an MSS whose segments fit one datagram: the
     // frame (Ethernet, IPv4, TCP with timestamps) and umnet's 5-byte header.
-    let (mss, received) = iperf3_tcp(&underlay.hosts[0], &underlay.hosts[1], "10.0.0.2")?;
-    let (a_clamped, max_datagram) = clamped(&a, "b")?;
-    let (b_clamped, _) = clamped(&b, "a")?;
+    let (mss, received) = pair.iperf3(&["-n", "4M"])?;
+    let (a_clamped, max_datagram) = clamped(&pair.a, "b")?;
+    let (b_clamped, _) = clamped(&pair.b, "a")?;
     eprintln!("MSS {mss} over datagrams of {max_datagram} bytes");
     assert!(received > 1 << 20, "TCP did not cross: {received} bytes");
     assert!(a_clamped >= 1 && b_clamped >= 1, "SYNs clamped: a {a_clamped}, b {b_clamped}");
@@ -666,45 +681,35 @@ fn tcp_syns_to_a_peer_announce_segments_that_fit_one_datagram() -> Result<()> {
 
     // Off on b: the SYN-ACK keeps the MSS the tap's MTU gives, and full frames cross cut in two.
     let peers = format!("\n[[peer]]\nname = \"a\"\naddress = \"{}\"\n", address(0));
-    b.reconfigure(&format!("[federation]\nclamp_mss = false\n\n{NETWORKS}{peers}"))?;
+    pair.b.reconfigure(&format!("[federation]\nclamp_mss = false\n\n{NETWORKS}{peers}"))?;
     wait_for(Duration::from_secs(5), Duration::from_millis(100), || {
-        Ok(b.log().contains("SIGHUP: config reloaded").then_some(()))
+        Ok(pair.b.log().contains("SIGHUP: config reloaded").then_some(()))
     })
-    .with_context(|| format!("b did not reload its config:\n{}", b.log()))?;
-    let (mss, received) = iperf3_tcp(&underlay.hosts[0], &underlay.hosts[1], "10.0.0.2")?;
+    .with_context(|| format!("b did not reload its config:\n{}", pair.b.log()))?;
+    let (mss, received) = pair.iperf3(&["-n", "4M"])?;
     assert!(received > 1 << 20, "TCP did not cross with clamping off: {received} bytes");
     assert_eq!(mss, 1448, "the client's MSS with clamping off on b");
-    assert_eq!(clamped(&b, "a")?.0, b_clamped, "b clamped a SYN after it was told not to");
+    assert_eq!(clamped(&pair.b, "a")?.0, b_clamped, "b clamped a SYN after it was told not to");
     Ok(())
 }
 
 #[test]
 fn a_tcp_flood_from_a_tap_is_paced_by_the_peer_not_dropped() -> Result<()> {
-    let ca = Ca::new("pace")?;
-    let underlay = Underlay::new(&["a", "b"], 1500)?;
     // Both dial, and a's first packets may reach b before b listens: whichever dial connects
     // first carries the whole run, the other is given up rather than replace it.
-    let a = underlay.start_node(0, &ca.issue("a", 30)?, &[(1, "b")], NETWORKS)?;
-    let b = underlay.start_node(1, &ca.issue("b", 30)?, &[(0, "a")], NETWORKS)?;
-    wait_connected(&a, &["b"])?;
-    wait_connected(&b, &["a"])?;
-    a.cli_ok(&["port", "add", "tap", "pacea", "--net", "100"])?;
-    b.cli_ok(&["port", "add", "tap", "paceb", "--net", "100"])?;
-    underlay.hosts[0].addr("pacea", "10.0.0.1/24")?;
-    underlay.hosts[1].addr("paceb", "10.0.0.2/24")?;
-    assert!(underlay.hosts[0].ping_ok("10.0.0.2")?, "the taps cannot reach each other");
+    let pair = TapPair::new("pace")?;
+    let (a, b) = (&pair.a, &pair.b);
 
     // Four streams from a tap hand the node super-frames faster than one QUIC connection
     // sends them: the node must hold the tap back rather than lose what it read.
-    let args = ["-P", "4", "-n", "64M"];
-    let (_, received) = iperf3(&underlay.hosts[0], &underlay.hosts[1], "10.0.0.2", &args)?;
+    let (_, received) = pair.iperf3(&["-P", "4", "-n", "64M"])?;
     assert!(received > 48 << 20, "TCP did not cross: {received} bytes");
     let peer_port = |node: &Node| -> Result<serde_json::Value> {
         let ports = node.cli_json(&["port", "list"])?;
         let found = ports.as_array().into_iter().flatten().find(|p| p["kind"] == "peer");
         found.cloned().context("no peer port")
     };
-    let (sent, received) = (peer_port(&a)?, peer_port(&b)?);
+    let (sent, received) = (peer_port(a)?, peer_port(b)?);
     let tx = counter(&sent, &["counters", "tx_frames"]);
     let rx = counter(&received, &["counters", "rx_frames"]);
     let queue_full = counter(&sent, &["counters", "drops", "queue_full"]);
@@ -717,7 +722,7 @@ fn a_tcp_flood_from_a_tap_is_paced_by_the_peer_not_dropped() -> Result<()> {
     // What a sent and b never got was lost on the way: in the underlay's socket buffers, not
     // in a (whose datagram queue would silently drop the oldest if a overran it).
     assert!(tx - rx.min(tx) <= tx / 20, "a sent {tx} frames, b received {rx}");
-    for node in [&a, &b] {
+    for node in [a, b] {
         let log = node.log();
         assert_eq!(log.matches("peer connected peer=").count(), 1, "connections:\n{log}");
     }
